@@ -1,0 +1,258 @@
+"""Hugging Face checkpoints in and out, and the user-facing ``Model`` and ``forward``.
+
+``load_pretrained`` reads ``config.json`` through transformers' ``AutoConfig`` (which normalises the many
+historical spellings of the rope settings), then builds each stacked weight with
+``jax.make_array_from_callback``: every device asks only for its own shard, which is sliced out of the
+memory-mapped safetensors file(s) one tensor at a time. No full copy of the model is ever assembled on the
+host. ``save_pretrained`` writes the reverse mapping, so transformers loads what we write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from lora_merge_jax import model as model_lib
+from lora_merge_jax import sharding
+from lora_merge_jax.model_config import ModelConfig, from_hf_config
+from lora_merge_jax.safetensors_io import CheckpointFiles, write_safetensors
+
+Array = jax.Array
+
+_HF_PROJ_PREFIX = {p: "self_attn" for p in ("q_proj", "k_proj", "v_proj", "o_proj")} | {
+    p: "mlp" for p in ("gate_proj", "up_proj", "down_proj")
+}
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded base model: architecture, frozen weights on a mesh, and its tokenizer when present."""
+
+    config: ModelConfig
+    weights: model_lib.Weights
+    mesh: Mesh
+    hf_config: Any  # the transformers config, kept to write it back on export
+    tokenizer: Any | None = None
+    compute_dtype: Any = None  # activations' dtype; None = the weights' dtype
+    path: str | None = None
+
+
+def hf_names(cfg: ModelConfig) -> model_lib.Weights:
+    """The transformers tensor name(s) behind every weight: a tuple over layers for stacked weights."""
+
+    def per_layer(fmt: str) -> tuple[str, ...]:
+        return tuple(fmt.format(i=i) for i in range(cfg.num_hidden_layers))
+
+    layers = model_lib.LayerWeights(
+        attn_norm_LxD=per_layer("model.layers.{i}.input_layernorm.weight"),
+        mlp_norm_LxD=per_layer("model.layers.{i}.post_attention_layernorm.weight"),
+        proj={p: per_layer(f"model.layers.{{i}}.{_HF_PROJ_PREFIX[p]}.{p}.weight") for p in model_lib.PROJECTIONS},
+        bias={p: per_layer(f"model.layers.{{i}}.{_HF_PROJ_PREFIX[p]}.{p}.bias") for p in cfg.biased_projections},
+    )
+    return model_lib.Weights(
+        embed_VxD="model.embed_tokens.weight",
+        layers=layers,
+        final_norm_D="model.norm.weight",
+        lm_head_DxV=None if cfg.tie_word_embeddings else "lm_head.weight",
+    )
+
+
+def _is_name(x: Any) -> bool:
+    return isinstance(x, (str, tuple))
+
+
+def _transposed(spec: model_lib.ParamSpec) -> bool:
+    # transformers' Linear stores [out, in]; we keep [in, out] so that x @ W reads left to right.
+    return len(spec.shape) == 3 or spec.axes == ("embed", "vocab")
+
+
+def _read_hf_config(path: Path) -> Any:
+    import transformers
+
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file}: missing; a Hugging Face checkpoint directory needs config.json")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    model_type = raw.get("model_type")
+    if model_type not in ("llama", "mistral", "qwen2"):
+        raise ValueError(
+            f"{config_file}: model_type '{model_type}' is not supported; supported: llama, mistral, qwen2"
+        )
+    return transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+
+
+def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: Mesh | None = None,
+                    compute_dtype: Any = None, load_tokenizer: bool = True) -> Model:
+    """Loads a Llama/Mistral/Qwen2 checkpoint directory (safetensors only) onto ``mesh``.
+
+    Args:
+        path: directory with ``config.json`` and ``model.safetensors`` or a sharded index.
+        dtype: parameter dtype of the frozen weights (float32 or bfloat16).
+        mesh: device mesh (default: every device on the ``data`` axis).
+        compute_dtype: activations' dtype (default: ``dtype``).
+        load_tokenizer: also load the tokenizer with ``AutoTokenizer`` when its files are present.
+
+    Returns:
+        A Model whose weights are sharded on ``mesh``.
+
+    Example:
+        >>> model = load_pretrained("checkpoints/Llama-3.2-1B", dtype=jnp.bfloat16)
+        >>> logits = forward(model, jnp.array([[1, 2, 3]]))
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    hf_config = _read_hf_config(path)
+    cfg = from_hf_config(hf_config, source=str(path / "config.json"))
+    mesh = mesh or sharding.make_mesh()
+    files = CheckpointFiles(path)
+    specs = model_lib.describe(cfg)
+    names = hf_names(cfg)
+    shards = model_lib.shardings(cfg, mesh)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+
+    expected: set[str] = set()
+    for name in jax.tree.leaves(names, is_leaf=_is_name):
+        expected.update(name if isinstance(name, tuple) else (name,))
+    unexpected = [
+        n for n in files.names()
+        if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
+        and not (cfg.tie_word_embeddings and n == "lm_head.weight")
+    ]
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensors for a {cfg.model_type} model of this config: "
+                         f"{', '.join(sorted(unexpected)[:5])}")
+
+    def fetch(name: str, want: tuple[int, ...]) -> np.ndarray:
+        if name not in files:
+            raise ValueError(f"{path}: tensor '{name}' is missing from the checkpoint")
+        arr, file = files.get(name)
+        if tuple(arr.shape) != want:
+            raise ValueError(f"{file}: tensor '{name}' has shape {tuple(arr.shape)}, expected {want} from config.json")
+        return arr
+
+    def load(spec: model_lib.ParamSpec, name: str | tuple[str, ...], shard: jax.sharding.Sharding) -> Array:
+        stacked = isinstance(name, tuple)
+        per_shape = spec.shape[1:] if stacked else spec.shape
+        hf_shape = per_shape[::-1] if _transposed(spec) else per_shape
+        layer_names = name if stacked else (name,)
+        sources = [fetch(n, tuple(hf_shape)) for n in layer_names]
+
+        def callback(index: tuple[slice, ...]) -> np.ndarray:
+            inner = index[1:] if stacked else index
+            picks = sources[index[0]] if stacked else sources
+            parts = [(src[inner[::-1]].T if _transposed(spec) else src[inner]).astype(np_dtype) for src in picks]
+            return np.stack(parts) if stacked else parts[0]
+
+        return jax.make_array_from_callback(spec.shape, shard, callback)
+
+    weights = jax.tree.map(load, specs, names, shards, is_leaf=lambda x: isinstance(x, model_lib.ParamSpec))
+    tokenizer = None
+    if load_tokenizer and any((path / f).exists() for f in TOKENIZER_FILES):
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    return Model(cfg, weights, mesh, hf_config, tokenizer, compute_dtype, str(path))
+
+
+def _hf_tensors(cfg: ModelConfig, weights: model_lib.Weights, dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
+    specs = model_lib.describe(cfg)
+    is_spec = lambda x: isinstance(x, model_lib.ParamSpec)  # noqa: E731
+    flat_specs = jax.tree.leaves(specs, is_leaf=is_spec)
+    flat_names = jax.tree.leaves(hf_names(cfg), is_leaf=_is_name)
+    flat_weights = jax.tree.leaves(weights)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    for spec, name, value in zip(flat_specs, flat_names, flat_weights, strict=True):
+        host = np.asarray(jax.device_get(value)).astype(np_dtype)
+        if isinstance(name, tuple):
+            for i, n in enumerate(name):
+                yield n, (host[i].T if _transposed(spec) else host[i])
+        else:
+            yield name, (host.T if _transposed(spec) else host)
+
+
+def save_pretrained(model: Model, path: str | os.PathLike, weights: model_lib.Weights | None = None,
+                    dtype: Any = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Writes a Hugging Face checkpoint directory (config, safetensors, tokenizer) that transformers loads.
+
+    Args:
+        model: supplies the config and tokenizer (and the weights unless ``weights`` is given).
+        path: output directory (created).
+        weights: weights to write instead of ``model.weights``, e.g. ``fold(model, adapter)``.
+        dtype: dtype of the written tensors (default: the weights' dtype).
+        max_shard_bytes: above this, tensors are split into ``model-0000i-of-0000n.safetensors`` + index.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path}: exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    weights = model.weights if weights is None else weights
+    dtype = dtype or weights.embed_VxD.dtype
+    shards: list[list[tuple[str, np.ndarray]]] = [[]]
+    size = 0
+    for name, arr in _hf_tensors(model.config, weights, dtype):
+        if shards[-1] and size + arr.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, arr))
+        size += arr.nbytes
+    if len(shards) == 1:
+        write_safetensors(path / "model.safetensors", shards[0])
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(path / file, shard)
+            weight_map.update({name: file for name, _ in shard})
+        total = sum(a.nbytes for s in shards for _, a in s)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    hf_config = model.hf_config
+    hf_config.dtype = str(jnp.dtype(dtype))
+    hf_config.save_pretrained(str(path))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(path))
+    return path
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype"))
+def _forward(cfg, weights, input_ids, adapter, attention_mask, compute_dtype):
+    deltas = None if adapter is None else adapter.deltas(cfg)
+    logits, _ = model_lib.apply_model(cfg, weights, input_ids, deltas=deltas, attention_mask_BxS=attention_mask,
+                                      compute_dtype=compute_dtype)
+    return logits
+
+
+def forward(model: Model, input_ids: Array, adapter: Any = None, attention_mask: Array | None = None) -> Array:
+    """Float32 logits [batch, length, vocab] of the base model, with an adapter applied when given.
+
+    Args:
+        model: from ``load_pretrained``.
+        input_ids: int array [batch, length].
+        adapter: any adapter (LoRA, MELoRA, merged) or None for the base model.
+        attention_mask: [batch, length], 1 for tokens and 0 for padding.
+
+    Example:
+        >>> logits = forward(model, ids, adapter=init_lora(model.config, key, rank=8))
+    """
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    batch_shard = sharding.batch_sharding(model.mesh, input_ids.shape[0])
+    input_ids = jax.device_put(input_ids, batch_shard)
+    if attention_mask is not None:
+        attention_mask = jax.device_put(jnp.asarray(attention_mask, jnp.int32), batch_shard)
+    return _forward(model.config, model.weights, input_ids, adapter, attention_mask, model.compute_dtype)
