@@ -1,0 +1,92 @@
+"""Training checkpoints with orbax-checkpoint: the train state and the data position, never base weights.
+
+Each checkpoint step directory holds ``state`` (the TrainState pytree: adapter, masks, optimizer state,
+step, RNG, counters, pruning statistics) and ``data`` (the iterator position, JSON). Orbax writes a step
+into a temporary directory and renames it when complete, so an interrupted save is never listed as a
+step; ``restore`` therefore always sees complete checkpoints. The run's resolved config is written
+beside the steps (``run_config.yaml``) so a resume can refuse a different config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be restored; the message names its directory."""
+
+
+class Checkpointer:
+    """Saves and restores ``(TrainState, data position)`` under ``directory``.
+
+    Example:
+        >>> ckpt = Checkpointer("runs/x/checkpoints", keep=3)
+        >>> ckpt.save(100, state, {"epoch": 0, "index": 12})
+        >>> state, position = ckpt.restore(abstract_state)
+    """
+
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise FileExistsError(f"{self.directory}: exists and is not a directory")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: Any, data_position: dict, force: bool = False) -> bool:
+        """Starts saving (asynchronously when enabled); returns whether a save was started."""
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)),
+            force=force,
+        )
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
+        """Restores ``step`` (default: the latest complete one) into ``abstract_state``'s structure and shardings.
+
+        Args:
+            abstract_state: the TrainState as ShapeDtypeStructs with shardings (``jax.eval_shape`` of init).
+            step: which step; default the latest.
+
+        Returns:
+            (state, data position, step).
+
+        Raises:
+            CheckpointError: no checkpoint, or one that cannot be read (naming its directory).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.directory}: no complete checkpoint to resume from")
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+            )
+        except Exception as e:  # orbax raises many types for a damaged step directory
+            raise CheckpointError(f"{self.directory / str(step)}: cannot restore checkpoint: {type(e).__name__}: {e}") from e
+        return restored.state, dict(restored.data), step
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(state: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of ``state`` carrying ``shardings``: the restore target."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

@@ -1,0 +1,209 @@
+"""Pruning LoRA parameters during the adaptive merge's fine-tuning.
+
+The paper prunes LoRA parameters while it fine-tunes the merge; its exact criterion and schedule are not
+given in our sources, so each choice is an option (defaults picked on our benchmark, see README):
+
+* criterion: ``magnitude`` |theta|, or ``sensitivity`` |theta * grad| smoothed by an exponential moving
+  average over steps (as AdaLoRA does);
+* granularity: single ``parameter`` entries, or whole rank-1 ``component``s (a column of A_k with its
+  row of B_k);
+* scope: entries ranked ``global``ly, per ``layer``, or per ``module`` (one projection of one layer);
+* which layers are pruned (``layers``: an inclusive [first, last] range) and an optional final sparsity
+  per layer;
+* schedule: every ``every`` steps between ``start_step`` and ``end_step`` the sparsity rises along a
+  cubic ramp (Zhu & Gupta 2017) to ``final_sparsity``.
+
+Masks only ever shrink: an entry pruned once is scored -inf thereafter. When masks change, the factors
+and their Adam moments are zeroed at the pruned entries; since the forward multiplies the factors by the
+masks, pruned entries then receive zero gradient and stay exactly zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_merge_jax.merge.adaptive import MergedLoraAdapter
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """When, where and by which score LoRA parameters are pruned."""
+
+    enabled: bool = True  # false gives the ablation without pruning
+    criterion: Literal["magnitude", "sensitivity"] = "sensitivity"  # score of an entry
+    granularity: Literal["parameter", "component"] = "parameter"  # prune entries or rank-1 components
+    scope: Literal["global", "layer", "module"] = "module"  # where entries are ranked against each other
+    layers: tuple[int, ...] | None = None  # [first, last] layers to prune (inclusive); None = all
+    layer_sparsity: tuple[float, ...] | None = None  # final sparsity of each layer (overrides final_sparsity)
+    final_sparsity: float = 0.5  # fraction of LoRA parameters pruned at the end of the schedule
+    start_step: int = 0  # first step at which pruning may happen
+    end_step: int | None = None  # step at which final_sparsity is reached (default: 3/4 of the steps)
+    every: int = 10  # prune every this many steps
+    sensitivity_beta: float = 0.85  # EMA factor of the sensitivity score
+
+    def validate(self) -> None:
+        sparsities = (self.final_sparsity,) + tuple(self.layer_sparsity or ())
+        bad = [s for s in sparsities if not 0.0 <= s < 1.0]
+        if bad:
+            raise ValueError(f"pruning sparsity must be in [0, 1), got {bad[0]}")
+        if self.layers is not None and (len(self.layers) != 2 or self.layers[0] > self.layers[1]):
+            raise ValueError(f"pruning layers: expected [first, last] with first <= last, got {list(self.layers)}")
+        if self.layer_sparsity is not None and self.scope == "global":
+            raise ValueError("pruning layer_sparsity needs scope 'layer' or 'module', not 'global'")
+        if self.every < 1 or self.start_step < 0:
+            raise ValueError("pruning every must be >= 1 and start_step >= 0")
+        if not 0.0 <= self.sensitivity_beta < 1.0:
+            raise ValueError(f"pruning sensitivity_beta must be in [0, 1), got {self.sensitivity_beta}")
+
+
+def layer_targets(cfg: PruneConfig, num_layers: int) -> np.ndarray:
+    """Final sparsity of every layer [L] (0 for layers outside the pruned range)."""
+    if cfg.layer_sparsity is not None:
+        if len(cfg.layer_sparsity) != num_layers:
+            raise ValueError(f"pruning layer_sparsity has {len(cfg.layer_sparsity)} values for {num_layers} layers")
+        final = np.asarray(cfg.layer_sparsity, np.float32)
+    else:
+        final = np.full((num_layers,), cfg.final_sparsity, np.float32)
+    if cfg.layers is not None:
+        first, last = cfg.layers
+        if last >= num_layers:
+            raise ValueError(f"pruning layers [{first}, {last}] outside the model's {num_layers} layers")
+        inside = (np.arange(num_layers) >= first) & (np.arange(num_layers) <= last)
+        final = np.where(inside, final, 0.0).astype(np.float32)
+    return final
+
+
+def schedule_fraction(cfg: PruneConfig, step: Array, total_steps: int) -> Array:
+    """Fraction of the final sparsity reached at ``step``: a cubic ramp from start_step to end_step."""
+    end = cfg.end_step if cfg.end_step is not None else max(cfg.start_step + 1, (3 * total_steps) // 4)
+    progress = jnp.clip((step - cfg.start_step) / max(end - cfg.start_step, 1), 0.0, 1.0)
+    return 1.0 - (1.0 - progress) ** 3
+
+
+def init_statistics(cfg: PruneConfig, adapter: MergedLoraAdapter) -> dict | None:
+    """Pruning state kept in the checkpoint: the sensitivity EMA (for that criterion) and the last target."""
+    if not cfg.enabled:
+        return None
+    stats: dict[str, Any] = {"target_sparsity": jnp.zeros((), jnp.float32)}
+    if cfg.criterion == "sensitivity":
+        stats["ema_a"] = jax.tree.map(jnp.zeros_like, adapter.a)
+        stats["ema_b"] = jax.tree.map(jnp.zeros_like, adapter.b)
+    return stats
+
+
+def _keep_top(scores_GxN: Array, prune_G: Array) -> Array:
+    """Per row, 1 for entries whose rank (ascending score) is >= the row's prune count."""
+    order = jnp.argsort(scores_GxN, axis=-1)
+    ranks = jnp.argsort(order, axis=-1)
+    return (ranks >= prune_G[:, None]).astype(jnp.float32)
+
+
+def _scores(cfg: PruneConfig, adapter: MergedLoraAdapter, stats: dict) -> tuple[dict, dict]:
+    if cfg.criterion == "sensitivity":
+        sa, sb = stats["ema_a"], stats["ema_b"]
+    else:
+        sa = {n: jnp.abs(x) for n, x in adapter.a.items()}
+        sb = {n: jnp.abs(x) for n, x in adapter.b.items()}
+    # Already pruned entries rank lowest, so masks only shrink.
+    sa = {n: jnp.where(adapter.mask_a[n] > 0, s, -jnp.inf) for n, s in sa.items()}
+    sb = {n: jnp.where(adapter.mask_b[n] > 0, s, -jnp.inf) for n, s in sb.items()}
+    return sa, sb
+
+
+def new_masks(cfg: PruneConfig, adapter: MergedLoraAdapter, stats: dict, target_L: Array) -> tuple[dict, dict]:
+    """Masks that prune the lowest-scoring entries up to sparsity ``target_L`` [L] in each scope group."""
+    sa, sb = _scores(cfg, adapter, stats)
+    names = list(adapter.a)
+    num_layers = next(iter(adapter.a.values())).shape[0]
+    if cfg.granularity == "component" and cfg.criterion == "magnitude":
+        # A component's magnitude is the Frobenius norm of its rank-1 update |gain| * ||a_r|| * ||b_r||.
+        deltas = adapter.deltas(None)
+        units = {n: jnp.where(jnp.isfinite(jnp.sum(sa[n], axis=1) + jnp.sum(sb[n], axis=2)),
+                              jnp.abs(deltas[n].gain_R) * jnp.linalg.norm(adapter.a[n], axis=1)
+                              * jnp.linalg.norm(adapter.b[n], axis=2), -jnp.inf) for n in names}
+    elif cfg.granularity == "component":
+        # Sensitivity of a component: the sum of its entries' (first-order) loss changes.
+        units = {n: jnp.sum(sa[n], axis=1) + jnp.sum(sb[n], axis=2) for n in names}
+    else:
+        units = {n: jnp.concatenate([sa[n].reshape(num_layers, -1), sb[n].reshape(num_layers, -1)], -1)
+                 for n in names}
+    eligible_L = target_L > 0
+
+    if cfg.scope == "module":
+        keep = {n: _keep_top(u, jnp.floor(target_L * u.shape[1]).astype(jnp.int32)) for n, u in units.items()}
+    else:
+        sizes = [units[n].shape[1] for n in names]
+        joined_LxN = jnp.concatenate([units[n] for n in names], axis=1)
+        if cfg.scope == "layer":
+            keep_joined = _keep_top(joined_LxN, jnp.floor(target_L * joined_LxN.shape[1]).astype(jnp.int32))
+        else:  # global: rank every eligible layer's entries together
+            flat = jnp.where(eligible_L[:, None], joined_LxN, jnp.inf).reshape(1, -1)
+            count = jnp.sum(eligible_L) * joined_LxN.shape[1]
+            prune = jnp.floor(jnp.max(target_L) * count).astype(jnp.int32)
+            keep_joined = _keep_top(flat, prune[None]).reshape(joined_LxN.shape)
+        split_at = np.cumsum(sizes)[:-1]
+        keep = dict(zip(names, jnp.split(keep_joined, split_at, axis=1)))
+
+    mask_a, mask_b = {}, {}
+    for n in names:
+        k = jnp.where(eligible_L[:, None], keep[n], 1.0)
+        if cfg.granularity == "component":
+            mask_a[n] = adapter.mask_a[n] * k[:, None, :]
+            mask_b[n] = adapter.mask_b[n] * k[:, :, None]
+        else:
+            size_a = adapter.a[n][0].size
+            mask_a[n] = adapter.mask_a[n] * k[:, :size_a].reshape(adapter.a[n].shape)
+            mask_b[n] = adapter.mask_b[n] * k[:, size_a:].reshape(adapter.b[n].shape)
+    return mask_a, mask_b
+
+
+def _mask_moments(tree: Any, mask_a: dict, mask_b: dict) -> Any:
+    """Zeroes optimizer moments at pruned entries (every MergedLoraAdapter-shaped subtree)."""
+
+    def apply(node: Any) -> Any:
+        if not isinstance(node, MergedLoraAdapter):
+            return node
+        fix = lambda d, m: d if not isinstance(d, dict) else {  # noqa: E731
+            k: v * m[k] if hasattr(v, "shape") and v.shape == m[k].shape else v for k, v in d.items()}
+        return node.replace(a=fix(node.a, mask_a), b=fix(node.b, mask_b))
+
+    return jax.tree.map(apply, tree, is_leaf=lambda x: isinstance(x, MergedLoraAdapter))
+
+
+def make_post_update(cfg: PruneConfig, total_steps: int, num_layers: int) -> Callable:
+    """The ``post_update(state, grads) -> state`` hook of the train step that updates statistics and masks."""
+    final_L = jnp.asarray(layer_targets(cfg, num_layers))
+    end = cfg.end_step if cfg.end_step is not None else max(cfg.start_step + 1, (3 * total_steps) // 4)
+
+    def post_update(state: Any, grads: Any) -> Any:
+        adapter = state.adapter
+        stats = dict(state.extra)
+        if cfg.criterion == "sensitivity":
+            beta = cfg.sensitivity_beta
+            stats["ema_a"] = {n: beta * stats["ema_a"][n] + (1 - beta) * jnp.abs(adapter.a[n] * grads.a[n])
+                              for n in adapter.a}
+            stats["ema_b"] = {n: beta * stats["ema_b"][n] + (1 - beta) * jnp.abs(adapter.b[n] * grads.b[n])
+                              for n in adapter.b}
+        step = state.step
+        due = (step >= cfg.start_step) & (((step - cfg.start_step) % cfg.every == 0) | (step == end))
+        target_L = final_L * schedule_fraction(cfg, step, total_steps)
+        mask_a, mask_b = jax.lax.cond(
+            due, lambda: new_masks(cfg, adapter, stats, target_L), lambda: (adapter.mask_a, adapter.mask_b))
+        stats["target_sparsity"] = jnp.where(due, jnp.max(target_L), stats["target_sparsity"])
+        trainable = state.trainable
+        if trainable.a is not None:
+            trainable = trainable.replace(a={n: v * mask_a[n] for n, v in trainable.a.items()},
+                                          b={n: v * mask_b[n] for n, v in trainable.b.items()})
+        frozen = state.frozen.replace(mask_a=mask_a, mask_b=mask_b)
+        opt_state = _mask_moments(state.opt_state, mask_a, mask_b)
+        return state.replace(trainable=trainable, frozen=frozen, opt_state=opt_state, extra=stats)
+
+    return post_update

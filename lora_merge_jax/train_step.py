@@ -1,0 +1,183 @@
+"""The training state and the pure, jitted train step.
+
+``TrainState`` holds exactly what a checkpoint must: the trainable adapter fields, the frozen adapter
+fields (LoRA scales, merge masks), the optimizer state, the step, the RNG key, counters of skipped
+non-finite steps and any method-specific statistics (pruning scores). The base weights are *not* in it:
+the step takes them as a separate, non-donated argument and differentiates ``trainable`` alone, so no
+gradient buffer of a base weight's size exists in the compiled program.
+
+``make_train_step`` returns ``step(state, weights, batch) -> (state, metrics)``; batches carry a leading
+micro-batch axis [M, B, T] for gradient accumulation (M = 1 without accumulation). Gradients of the summed
+token NLL are accumulated over micro-batches and divided by the total number of target tokens, so M
+micro-batches give the same update as one batch of M*B examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lora_merge_jax import losses
+from lora_merge_jax import model as model_lib
+from lora_merge_jax import sharding
+from lora_merge_jax.adapters import common
+from lora_merge_jax.model_config import ModelConfig
+
+Array = jax.Array
+PostUpdate = Callable[["TrainState", Any], "TrainState"]
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training (and nothing else)."""
+
+    step: Array  # int32 scalar: optimizer steps taken
+    trainable: Any  # adapter with only its trainable fields set
+    frozen: Any  # the same adapter type with the complementary fields (scales, masks)
+    opt_state: Any
+    rng: Array  # uint32[2] raw key for dropout
+    skipped: Array  # int32: non-finite steps skipped in total
+    skipped_in_a_row: Array  # int32: consecutive non-finite steps
+    extra: Any = None  # method-specific state, e.g. pruning statistics
+
+    @property
+    def adapter(self) -> Any:
+        return common.combine(self.trainable, self.frozen)
+
+
+def init_state(adapter: Any, optimizer: optax.GradientTransformation, seed: int,
+               trainable_fields: tuple[str, ...] | None = None, extra: Any = None) -> TrainState:
+    """A step-0 state for ``adapter`` (optimizer state built for the trainable fields only)."""
+    trainable, frozen = common.split(adapter, trainable_fields)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen, opt_state=optimizer.init(trainable),
+        rng=jax.random.PRNGKey(seed), skipped=jnp.zeros((), jnp.int32),
+        skipped_in_a_row=jnp.zeros((), jnp.int32), extra=extra,
+    )
+
+
+def state_shardings(state: TrainState, cfg: ModelConfig, mesh: Mesh) -> TrainState:
+    """Shardings of a train state: the adapter follows its logical axes, and so does every optimizer moment
+    or statistic that mirrors an adapter leaf (matched by key path suffix); scalars are replicated."""
+    adapter = state.adapter
+    by_path = {
+        jax.tree_util.keystr(path): shard
+        for (path, _), shard in zip(jax.tree_util.tree_flatten_with_path(adapter)[0],
+                                    jax.tree.leaves(common.shardings(adapter, cfg, mesh)))
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path: Any, leaf: Any) -> NamedSharding:
+        key = jax.tree_util.keystr(path)
+        for suffix, shard in by_path.items():
+            if key.endswith(suffix) and len(shard.spec) <= getattr(leaf, "ndim", 0):
+                return shard
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def _finite(tree: Any) -> Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *, compute_dtype: Any = None,
+                    remat: bool = False, post_update: PostUpdate | None = None) -> Callable:
+    """Builds the pure train step ``step(state, weights, batch) -> (state, metrics)`` (not yet jitted).
+
+    Args:
+        cfg: the base model's architecture.
+        optimizer: from ``optim.make_optimizer``.
+        compute_dtype: activations' dtype (the adapter and optimizer stay float32).
+        remat: recompute layer activations in the backward pass.
+        post_update: ``f(state, grads) -> state`` run after each applied update (pruning masks).
+    """
+
+    def summed_nll(trainable: Any, frozen: Any, weights: model_lib.Weights, micro: dict, rng: Array):
+        adapter = common.combine(trainable, frozen)
+        logits, _ = model_lib.apply_model(
+            cfg, weights, micro["input_ids"], deltas=adapter.deltas(cfg), dropout=adapter.dropout,
+            dropout_rng=rng if adapter.dropout > 0 else None, attention_mask_BxS=micro["attention_mask"],
+            compute_dtype=compute_dtype, remat=remat,
+        )
+        total, count = losses.token_nll(logits, micro["input_ids"], micro["target_mask"])
+        return total, count
+
+    grad_fn = jax.value_and_grad(summed_nll, has_aux=True)
+
+    def step(state: TrainState, weights: model_lib.Weights, batch: dict) -> tuple[TrainState, dict]:
+        rng, step_rng = jax.random.split(state.rng)
+        num_micro = batch["input_ids"].shape[0]
+        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+
+        def accumulate(carry, inputs):
+            grads_acc, total_acc, count_acc = carry
+            micro, index = inputs
+            (total, count), grads = grad_fn(state.trainable, state.frozen, weights, micro,
+                                            jax.random.fold_in(step_rng, index))
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            return (grads_acc, total_acc + total, count_acc + count), None
+
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, total, count), _ = jax.lax.scan(accumulate, init, (batch, jnp.arange(num_micro)))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = total / denom
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        finite = jnp.isfinite(loss) & _finite(grads)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        updated = state.replace(trainable=keep(trainable, state.trainable), opt_state=keep(opt_state, state.opt_state),
+                                step=state.step + finite.astype(jnp.int32))
+        if post_update is not None:
+            after = post_update(updated, grads)
+            updated = jax.tree.map(lambda n, o: jnp.where(finite, n, o), after, updated)
+        new_state = updated.replace(
+            rng=rng,
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+            skipped_in_a_row=jnp.where(finite, 0, state.skipped_in_a_row + 1),
+        )
+        metrics = {
+            "loss": loss, "target_tokens": count, "grad_norm": optax.global_norm(grads),
+            "finite": finite, "skipped": new_state.skipped,
+        }
+        return new_state, metrics
+
+    return step
+
+
+def jit_train_step(step: Callable, state: TrainState, weights: model_lib.Weights, cfg: ModelConfig,
+                   mesh: Mesh, batch_size: int) -> Callable:
+    """Jits ``step`` once with explicit shardings and the state donated.
+
+    Returns ``train_step(state, batch) -> (state, metrics)`` with the base weights bound as an argument
+    (not a compile-time constant).
+    """
+    state_sh = state_shardings(state, cfg, mesh)
+    weight_sh = jax.tree.map(lambda x: x.sharding, weights)
+    batch_axes = NamedSharding(mesh, PartitionSpec(None, sharding.SHARDING_RULES["batch"]))
+    if batch_size % sharding.mesh_axis_size(mesh, "batch"):
+        batch_axes = NamedSharding(mesh, PartitionSpec())
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_sh, weight_sh, batch_axes),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=(0,),
+    )
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return jitted(state, weights, batch)
+
+    train_step.jitted = jitted  # type: ignore[attr-defined]
+    train_step.batch_sharding = batch_axes  # type: ignore[attr-defined]
+    train_step.state_shardings = state_sh  # type: ignore[attr-defined]
+    return train_step
