@@ -30,7 +30,7 @@ WORDS = ("apple", "river", "stone", "cloud", "green", "light", "music", "paper",
 
 def build_tokenizer(vocab_size: int = 128) -> transformers.PreTrainedTokenizerFast:
     """A character-level tokenizer over printable ASCII with pad/bos/eos/unk (ids 0-3)."""
-    chars = list(SPECIAL_TOKENS) + [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
+    chars = list(SPECIAL_TOKENS) + [c for c in string.printable if c not in "\t\r\x0b\x0c"]
     if len(chars) > vocab_size:
         raise ValueError(f"a character tokenizer needs vocab_size >= {len(chars)}, got {vocab_size}")
     backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))

@@ -37,7 +37,7 @@ PostUpdate = Callable[["TrainState", Any], "TrainState"]
 class TrainState:
     """Everything that changes during training (and nothing else)."""
 
-    step: Array  # int32 scalar: optimizer steps taken
+    step: Array  # int32 scalar: batches consumed (steps taken, skipped ones included)
     trainable: Any  # adapter with only its trainable fields set
     frozen: Any  # the same adapter type with the complementary fields (scales, masks)
     opt_state: Any
@@ -135,8 +135,9 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
         trainable = optax.apply_updates(state.trainable, updates)
         finite = jnp.isfinite(loss) & _finite(grads)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        # The step counts every batch, skipped or not, so it always matches the data position.
         updated = state.replace(trainable=keep(trainable, state.trainable), opt_state=keep(opt_state, state.opt_state),
-                                step=state.step + finite.astype(jnp.int32))
+                                step=state.step + 1)
         if post_update is not None:
             after = post_update(updated, grads)
             updated = jax.tree.map(lambda n, o: jnp.where(finite, n, o), after, updated)
@@ -147,7 +148,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
         )
         metrics = {
             "loss": loss, "target_tokens": count, "grad_norm": optax.global_norm(grads),
-            "finite": finite, "skipped": new_state.skipped,
+            "finite": finite, "skipped": new_state.skipped, "skipped_in_a_row": new_state.skipped_in_a_row,
         }
         return new_state, metrics
 

@@ -1,0 +1,308 @@
+"""The training loop behind ``train.py``: set-up, the jitted step, logging, checkpoints, export.
+
+``train(cfg)`` builds the mesh, loads the base model (or makes the embedded tiny one), tokenises the
+data, builds the adapter (LoRA, MELoRA, or the adaptive merge of task LoRAs), and runs the step that
+``train_step.py`` compiles once. Metrics are fetched one step late so the host never waits for the
+device inside the loop; checkpoints are written asynchronously with the data position. SIGTERM saves a
+checkpoint and exits cleanly (preemption); a run of non-finite steps saves and stops with a message.
+At the end the adapter is exported in PEFT format beside the checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from jax.sharding import NamedSharding
+
+from lora_merge_jax import batching, config, optim, tiny, train_step
+from lora_merge_jax.adapters import common, peft_io
+from lora_merge_jax.adapters.lora import init_lora
+from lora_merge_jax.adapters.melora import init_melora
+from lora_merge_jax.checkpoint import Checkpointer, abstract_like
+from lora_merge_jax.merge import adaptive, pruning
+from lora_merge_jax.pretrained import Model, load_pretrained
+from lora_merge_jax.sharding import make_mesh
+from lora_merge_jax.train_config import TrainConfig
+
+RUN_CONFIG = "run_config.yaml"
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped early (non-finite steps); a checkpoint was saved first."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    state: train_step.TrainState
+    model: Model
+    output_dir: Path
+    adapter_dir: Path
+    losses: list[float]
+    resumed_from: int | None
+    stopped_by_signal: bool = False
+
+
+def embedded_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Fills in the embedded tiny model and task when no model path and no data are configured."""
+    if cfg.model.path is not None or cfg.data.train_file is not None or cfg.data.hub_name is not None:
+        return cfg
+    root = Path(cfg.output_dir) / "embedded"
+    if not (root / "model" / "config.json").exists():
+        tiny.make_tiny_model(root / "model")
+    if not (root / "task" / "train.jsonl").exists():
+        tiny.make_tiny_task(root / "task")
+    data = dataclasses.replace(cfg.data, data_dir=str(root / "task"), train_file="train.jsonl",
+                               eval_file="dev.jsonl", prompt_template="Reverse: {input}\n", max_length=96,
+                               max_target_length=48, length_buckets=(64,))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(root / "model")), data=data)
+
+
+def _dtype(name: str | None) -> Any:
+    return None if name is None else jnp.dtype(name)
+
+
+def resolve_adapter_dir(path: str | Path) -> Path:
+    """A PEFT adapter directory, or a run directory whose ``adapter/`` holds one."""
+    path = Path(path)
+    if (path / "adapter" / "adapter_config.json").exists():
+        return path / "adapter"
+    return path
+
+
+def build_adapter(cfg: TrainConfig, model: Model) -> Any:
+    """The adapter at step 0, placed on the model's mesh."""
+    a, key = cfg.adapter, jax.random.key(cfg.train.seed)
+    if a.kind == "merge":
+        tasks = [peft_io.load_peft_adapter(resolve_adapter_dir(p), model) for p in cfg.merge.task_adapters]
+        adapter = adaptive.merge_for_training(tasks, cfg.merge.granularity, cfg.merge.init_coefficients, a.dropout,
+                                              model.config.num_hidden_layers)
+    elif a.init_from is not None:
+        adapter = peft_io.load_peft_adapter(resolve_adapter_dir(a.init_from), model)
+        adapter = adapter.replace(dropout=a.dropout) if hasattr(adapter, "replace") else adapter
+    elif a.kind == "melora":
+        adapter = init_melora(model.config, key, a.num_blocks, a.rank, a.alpha, a.target_modules, a.layers, a.dropout)
+    else:
+        adapter = init_lora(model.config, key, a.rank, a.alpha, a.target_modules, a.layers, a.use_rslora,
+                            a.rank_pattern, a.alpha_pattern, a.dropout)
+    return common.place(adapter, model.config, model.mesh)
+
+
+def trainable_fields(cfg: TrainConfig) -> tuple[str, ...] | None:
+    if cfg.adapter.kind == "merge" and not cfg.merge.train_factors:
+        return ("coefficients",)
+    return None
+
+
+def _check_run_config(out: Path, cfg: TrainConfig, force: bool) -> None:
+    """Writes the run's config beside its checkpoints; a resume with a different config is refused."""
+    file = out / RUN_CONFIG
+    current = config.to_dict(cfg)
+    if file.exists():
+        saved = yaml.safe_load(file.read_text())
+        if saved != current and not force:
+            diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            raise ValueError(f"{file}: this run was started with a different config (sections {diff} differ); "
+                             "resume with the same config, or pass --force to override")
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(current, sort_keys=False, allow_unicode=True))
+    tmp.replace(file)
+
+
+def _stack_micro(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """[M, B, T] from M micro-batches, right-padded to their longest length."""
+    length = max(b["input_ids"].shape[1] for b in batches)
+    pad = lambda x: np.pad(x, ((0, 0), (0, length - x.shape[1])))  # noqa: E731
+    return {k: np.stack([pad(b[k]) for b in batches]) for k in batches[0]}
+
+
+def _global_batch(local: dict[str, np.ndarray], shard: NamedSharding) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(shard, v) for k, v in local.items()}
+
+
+def _scalars(metrics: dict, state: train_step.TrainState) -> dict[str, Any]:
+    out = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    adapter = state.adapter
+    if isinstance(adapter, adaptive.MergedLoraAdapter):
+        coeffs = jax.device_get(adapter.coefficients)
+        out["coefficients"] = jax.tree.map(lambda c: np.asarray(c).round(5).tolist(), coeffs)
+        out["sparsity"] = {n: np.asarray(s).round(5).tolist() for n, s in jax.device_get(adapter.sparsity()).items()}
+    return out
+
+
+class _SignalFlag:
+    """Records SIGTERM so the loop can save and exit at a step boundary."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self) -> _SignalFlag:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, the default behaviour stays
+            self._previous = None
+        return self
+
+    def _handle(self, *_: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *_: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=print) -> TrainResult:
+    """Runs (or resumes) a training run described by ``cfg``.
+
+    Args:
+        cfg: the run's config.
+        resume: None (start fresh; refuses a directory that has checkpoints), ``"latest"`` (the latest
+            complete checkpoint) or ``"latest_valid"`` (the latest one that restores, skipping damaged ones).
+        force: resume even though the config differs from the one the run started with.
+        log: where progress lines go.
+
+    Returns:
+        The final state, the model and where the adapter was exported.
+    """
+    if cfg.train.distributed:
+        jax.distributed.initialize()
+    cfg = embedded_defaults(cfg)
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {out}: exists and is not a directory")
+    mesh = make_mesh(cfg.mesh)
+    log(f"devices: {len(jax.devices())} x {jax.devices()[0].platform} ({jax.process_count()} process(es)); "
+        f"mesh {dict(mesh.shape)}")
+    model = load_pretrained(cfg.model.path, dtype=_dtype(cfg.model.dtype), mesh=mesh,
+                            compute_dtype=_dtype(cfg.model.compute_dtype))
+    if model.tokenizer is None:
+        raise ValueError(f"{cfg.model.path}: no tokenizer files; training needs the model's tokenizer")
+    examples, stats = batching.build_train_examples(cfg.data, model.tokenizer)
+    log(f"data: {stats}")
+    iterator = batching.TrainIterator(examples, cfg.data, batching.pad_token_id(model.tokenizer),
+                                      process_index=jax.process_index(), process_count=jax.process_count())
+
+    adapter = build_adapter(cfg, model)
+    tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    post_update, extra = None, None
+    if cfg.adapter.kind == "merge" and cfg.merge.pruning.enabled:
+        post_update = pruning.make_post_update(cfg.merge.pruning, cfg.train.steps, model.config.num_hidden_layers)
+        extra = pruning.init_statistics(cfg.merge.pruning, adapter)
+    state = train_step.init_state(adapter, tx, cfg.train.seed, trainable_fields(cfg), extra)
+    log(f"adapter: {type(adapter).__name__}, {common.num_params(adapter, trainable_fields(cfg)):,} trainable "
+        f"parameters; base model {model.config.num_params():,} parameters (frozen)")
+    step_fn = train_step.make_train_step(model.config, tx, compute_dtype=model.compute_dtype,
+                                         remat=cfg.train.remat, post_update=post_update)
+    train_fn = train_step.jit_train_step(step_fn, state, model.weights, model.config, mesh, cfg.data.batch_size)
+
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(out / "checkpoints", cfg.train.keep_checkpoints, cfg.train.async_checkpoints)
+    resumed_from = None
+    if resume is None and ckpt.latest_step() is not None:
+        raise FileExistsError(f"{out / 'checkpoints'}: holds checkpoints of an earlier run; pass --resume to continue "
+                              "it or choose another output_dir")
+    _check_run_config(out, cfg, force)
+    if resume is not None and ckpt.latest_step() is not None:
+        abstract = abstract_like(state, train_fn.state_shardings)
+        state, position, resumed_from = _restore(ckpt, abstract, resume, log)
+        iterator.restore(position)
+        log(f"resumed from step {resumed_from} ({ckpt.directory / str(resumed_from)})")
+    elif resume is not None:
+        log(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0")
+
+    result = _loop(cfg, state, train_fn, iterator, ckpt, out, log)
+    state, losses, stopped = result
+    ckpt.close()
+    adapter_dir = out / "adapter"
+    if jax.process_index() == 0:
+        peft_io.save_peft_adapter(state.adapter, adapter_dir, model)
+        if cfg.adapter.kind == "merge":
+            from lora_merge_jax.merge import export
+
+            export.write_merge_outputs(state.adapter, model, out, cfg.merge.export_rank, log)
+    log(f"adapter written to {adapter_dir} (PEFT format)")
+    return TrainResult(state, model, out, adapter_dir, losses, resumed_from, stopped)
+
+
+def _restore(ckpt: Checkpointer, abstract: Any, mode: str, log) -> tuple[Any, dict, int]:
+    if mode not in ("latest", "latest_valid"):
+        raise ValueError(f"--resume {mode!r}: expected 'latest' or 'latest_valid'")
+    steps = ckpt.steps()
+    if mode == "latest":
+        return ckpt.restore(abstract, steps[-1])
+    for step in reversed(steps):
+        try:
+            return ckpt.restore(abstract, step)
+        except Exception as e:  # noqa: BLE001 - reported, then the previous checkpoint is tried
+            log(f"checkpoint step {step} cannot be restored ({e}); trying the previous one")
+    raise RuntimeError(f"{ckpt.directory}: no checkpoint could be restored")
+
+
+def _loop(cfg: TrainConfig, state: train_step.TrainState, train_fn: Any, iterator: batching.TrainIterator,
+          ckpt: Checkpointer, out: Path, log) -> tuple[train_step.TrainState, list[float], bool]:
+    from tqdm.auto import tqdm
+
+    from lora_merge_jax.metrics_log import MetricsLog
+
+    run = cfg.train
+    start = int(jax.device_get(state.step))
+    losses: list[float] = []
+    metrics_log = MetricsLog(out, enabled=jax.process_index() == 0)
+    bar = tqdm(total=run.steps, initial=start, disable=not run.progress, dynamic_ncols=True, desc="train")
+    pending: tuple[int, Any, int] | None = None
+    tokens_seen, t0, stopped, too_many_nonfinite = 0, time.perf_counter(), False, False
+
+    def drain(item: tuple[int, Any, int]) -> None:
+        nonlocal tokens_seen, too_many_nonfinite
+        step, metrics, tokens = item
+        scalars = _scalars(metrics, state) if step % run.log_every == 0 or step == run.steps else None
+        loss = float(jax.device_get(metrics["loss"]))
+        losses.append(loss)
+        tokens_seen += tokens
+        rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+        if scalars is not None:
+            metrics_log.write(step, {**scalars, "tokens_per_second": rate})
+        if not bool(jax.device_get(metrics["finite"])):
+            log(f"step {step}: non-finite loss or gradient, update skipped")
+            too_many_nonfinite = int(jax.device_get(metrics["skipped_in_a_row"])) >= run.max_nonfinite_in_a_row
+
+    with _SignalFlag() as sigterm:
+        step = start
+        while step < run.steps:
+            micro = [next(iterator) for _ in range(run.grad_accum)]
+            batch = _global_batch(_stack_micro(micro), train_fn.batch_sharding)
+            state, metrics = train_fn(state, batch)
+            step += 1
+            if pending is not None:
+                drain(pending)  # read the previous step's metrics: this step is already dispatched
+            pending = (step, metrics, int(sum(b["attention_mask"].sum() for b in micro)))
+            bar.update(1)
+            if step % run.save_every == 0 or step == run.steps or sigterm.raised:
+                ckpt.save(step, state, iterator.state(), force=True)
+            if too_many_nonfinite:
+                ckpt.save(step, state, iterator.state(), force=True)
+                ckpt.close()
+                raise TrainingStopped(f"{run.max_nonfinite_in_a_row} non-finite steps in a row (limit "
+                                      f"train.max_nonfinite_in_a_row); checkpoint saved at step {step} in "
+                                      f"{ckpt.directory}")
+            if sigterm.raised:
+                log(f"SIGTERM: checkpoint saved at step {step}; exiting")
+                stopped = True
+                break
+        if pending is not None:
+            drain(pending)
+    bar.close()
+    metrics_log.close()
+    return state, losses, stopped
