@@ -54,11 +54,15 @@ def tiny_hf_config(vocab_size: int = 128, hidden: int = 64, layers: int = 2, hea
 
 
 def make_tiny_model(path: str | Path, seed: int = 0, **config_kwargs) -> Path:
-    """Writes a random-weight tiny Llama checkpoint (config, safetensors, tokenizer) to ``path``."""
+    """Writes a random-weight tiny Llama checkpoint (config, safetensors, tokenizer) to ``path``.
+
+    Weights are drawn with std 1/sqrt(hidden): with the usual 0.02 a model this narrow has logits too
+    flat for any adapter to make a confident prediction through the tied embeddings.
+    """
     hf_config = tiny_hf_config(**config_kwargs)
     cfg = from_hf_config(hf_config)
     mesh = sharding.make_mesh()
-    weights = model_lib.init_random(cfg, jax.random.key(seed), jnp.float32, mesh)
+    weights = model_lib.init_random(cfg, jax.random.key(seed), jnp.float32, mesh, std=cfg.hidden_size ** -0.5)
     model = Model(cfg, weights, mesh, hf_config, build_tokenizer(hf_config.vocab_size))
     return save_pretrained(model, path)
 

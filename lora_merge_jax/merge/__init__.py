@@ -1,0 +1,1 @@
+"""Merging task LoRAs: PEFT's static combinations (``static``) and the LoraHub coefficient search (``lorahub``)."""

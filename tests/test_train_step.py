@@ -1,0 +1,133 @@
+"""The train step: its first loss against transformers, learning, frozen base, sharding, accumulation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import lora_merge_jax as lmj
+from lora_merge_jax import tiny
+from lora_merge_jax.optim import OptimConfig, make_optimizer
+from lora_merge_jax.sharding import MeshConfig, make_mesh
+from lora_merge_jax.train_step import init_state, jit_train_step, make_train_step
+from tests.train_helpers import leaves, random_batch
+
+TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny.make_tiny_model(tmp_path_factory.mktemp("tiny"), seed=3)
+
+
+def _trainer(model, lr=1e-2, steps=50, batch_size=8, **lora):
+    adapter = lmj.init_lora(model.config, jax.random.key(0), rank=4, target_modules=TARGETS, **lora)
+    tx = make_optimizer(OptimConfig(learning_rate=lr, decay="constant"), steps)
+    state = init_state(adapter, tx, seed=0)
+    step = jit_train_step(make_train_step(model.config, tx), state, model.weights, model.config, model.mesh, batch_size)
+    return state, step
+
+
+def test_first_loss_equals_transformers_target_loss(tiny_dir):
+    """B = 0 at init, so the first step's loss is the base model's target-token loss, which torch computes."""
+    model = lmj.load_pretrained(tiny_dir)
+    state, step = _trainer(model)
+    batch = random_batch(np.random.default_rng())
+    _, metrics = step(state, batch)
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(batch["input_ids"][0], dtype=torch.long)
+    labels = torch.where(torch.tensor(batch["target_mask"][0]) == 1, ids, torch.tensor(-100))
+    with torch.no_grad():
+        ref = ref_model(ids, labels=labels).loss.item()  # mean over target tokens, shifted as ours
+    assert abs(float(metrics["loss"]) - ref) < 1e-4
+
+
+def test_loss_falls_on_a_learnable_task(tiny_dir):
+    model = lmj.load_pretrained(tiny_dir)
+    state, step = _trainer(model, lr=2e-2)
+    batch = random_batch(np.random.default_rng(), vocab=12)  # a fixed batch: memorisable
+    first = None
+    for _ in range(40):
+        state, metrics = step(state, batch)
+        first = float(metrics["loss"]) if first is None else first
+    assert float(metrics["loss"]) < 0.6 * first
+
+
+def test_no_gradient_buffer_for_base_weights(tmp_path):
+    """Weights dominate this model, so a base-weight gradient would double the memory; ours stays small.
+
+    The step's temporaries hold one layer's weight slices (the scan's dynamic slices), about 1/L of them.
+    """
+    path = tiny.make_tiny_model(tmp_path / "wide", hidden=128, ffw=512, layers=8)
+    model = lmj.load_pretrained(path)
+    state, step = _trainer(model, batch_size=1)
+    batch = random_batch(np.random.default_rng(), batch=1, length=8)
+    compiled = step.jitted.lower(state, model.weights, batch).compile()
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.weights))
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < 0.25 * weight_bytes
+    # The control: differentiating the base weights too needs a buffer at least the size of the largest weight.
+    from lora_merge_jax import losses
+    from lora_merge_jax import model as model_lib
+
+    def base_loss(weights, ids):
+        logits, _ = model_lib.apply_model(model.config, weights, ids)
+        return losses.mean_token_nll(logits, ids, jnp.ones_like(ids))
+
+    full = jax.jit(jax.grad(base_loss)).lower(model.weights, batch["input_ids"][0]).compile()
+    assert full.memory_analysis().temp_size_in_bytes + full.memory_analysis().output_size_in_bytes >= weight_bytes
+
+
+def test_eight_devices_match_one(tiny_dir):
+    batch = random_batch(np.random.default_rng())
+    results = []
+    for mesh_cfg, devices in ((MeshConfig(), jax.devices()[:1]), (MeshConfig(data=2, fsdp=2, tensor=2), None)):
+        model = lmj.load_pretrained(tiny_dir, mesh=make_mesh(mesh_cfg, devices))
+        state, step = _trainer(model)
+        for _ in range(10):
+            state, _ = step(state, batch)
+        results.append(leaves(state.trainable))
+    for one, many in zip(*results):
+        np.testing.assert_allclose(one, many, atol=2e-5, rtol=1e-4)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_dir):
+    model = lmj.load_pretrained(tiny_dir)
+    big = random_batch(np.random.default_rng(), batch=8)
+    micro = {k: v.reshape(2, 4, -1) for k, v in big.items()}
+    outs = []
+    for batch in (big, micro):
+        state, step = _trainer(model, batch_size=batch["input_ids"].shape[1])
+        for _ in range(3):
+            state, metrics = step(state, batch)
+        outs.append((leaves(state.trainable), float(metrics["loss"])))
+    assert abs(outs[0][1] - outs[1][1]) < 1e-5
+    for a, b in zip(outs[0][0], outs[1][0]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_non_finite_step_is_skipped_and_counted(tiny_dir):
+    model = lmj.load_pretrained(tiny_dir)
+    state, step = _trainer(model)
+    batch = random_batch(np.random.default_rng())
+    state, _ = step(state, batch)
+    before = leaves((state.trainable, state.opt_state))
+    poisoned = jax.tree.map(lambda w: w.at[(0,) * w.ndim].set(jnp.nan), model.weights)
+    state, metrics = step.jitted(state, poisoned, batch)
+    assert not bool(metrics["finite"])
+    assert int(state.skipped) == 1 and int(state.skipped_in_a_row) == 1
+    for a, b in zip(before, leaves((state.trainable, state.opt_state))):
+        np.testing.assert_array_equal(a, b)
+    state, metrics = step(state, batch)
+    assert bool(metrics["finite"]) and int(state.skipped_in_a_row) == 0
+
+
+def test_adapter_and_optimizer_stay_float32_with_bfloat16_base(tiny_dir):
+    model = lmj.load_pretrained(tiny_dir, dtype="bfloat16")
+    state, step = _trainer(model)
+    state, metrics = step(state, random_batch(np.random.default_rng()))
+    assert np.isfinite(float(metrics["loss"]))
+    assert {x.dtype for x in jax.tree.leaves((state.trainable, state.opt_state)) if x.ndim > 0} == {jnp.dtype("float32")}
+    
