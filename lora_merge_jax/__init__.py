@@ -4,12 +4,20 @@ Public API (see README.md):
     load_pretrained, save_pretrained, forward, Model    -- base models from Hugging Face checkpoints
     init_lora, init_melora, LoraAdapter, MeloraAdapter  -- adapters as pure pytrees
     fold                                                -- fold an adapter into the base weights
+    load_peft_adapter, save_peft_adapter, save_merged_model -- PEFT format in and out
+    merge_for_training, MergedLoraAdapter, PruneConfig  -- the adaptive merge with pruning
+    merge_adapters, lorahub_merge, lorahub_search       -- static merges (PEFT semantics) and LoraHub
     make_mesh, MeshConfig                               -- the device mesh
 """
 
 from lora_merge_jax.adapters.common import combine, fold, split
 from lora_merge_jax.adapters.lora import LoraAdapter, init_lora
 from lora_merge_jax.adapters.melora import MeloraAdapter, init_melora
+from lora_merge_jax.adapters.peft_io import load_peft_adapter, save_merged_model, save_peft_adapter
+from lora_merge_jax.merge.adaptive import MergedLoraAdapter, merge_for_training
+from lora_merge_jax.merge.lorahub import lorahub_merge, lorahub_search
+from lora_merge_jax.merge.pruning import PruneConfig
+from lora_merge_jax.merge.static import merge_adapters
 from lora_merge_jax.model_config import ModelConfig
 from lora_merge_jax.pretrained import Model, forward, load_pretrained, save_pretrained
 from lora_merge_jax.sharding import MeshConfig, make_mesh
@@ -17,6 +25,8 @@ from lora_merge_jax.sharding import MeshConfig, make_mesh
 __all__ = [
     "LoraAdapter",
     "MeloraAdapter",
+    "MergedLoraAdapter",
+    "PruneConfig",
     "MeshConfig",
     "Model",
     "ModelConfig",
@@ -25,8 +35,15 @@ __all__ = [
     "forward",
     "init_lora",
     "init_melora",
+    "load_peft_adapter",
     "load_pretrained",
+    "lorahub_merge",
+    "lorahub_search",
+    "merge_adapters",
+    "merge_for_training",
     "make_mesh",
+    "save_merged_model",
+    "save_peft_adapter",
     "save_pretrained",
     "split",
 ]

@@ -50,7 +50,7 @@ class TrainResult:
     adapter_dir: Path
     losses: list[float]
     resumed_from: int | None
-    stopped_by_signal: bool = False
+    stopped_early: bool = False  # SIGTERM or stop_after ended the run before train.steps
 
 
 def embedded_defaults(cfg: TrainConfig) -> TrainConfig:
@@ -162,7 +162,8 @@ class _SignalFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=print) -> TrainResult:
+def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=print,
+          stop_after: int | None = None) -> TrainResult:
     """Runs (or resumes) a training run described by ``cfg``.
 
     Args:
@@ -171,6 +172,8 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
             complete checkpoint) or ``"latest_valid"`` (the latest one that restores, skipping damaged ones).
         force: resume even though the config differs from the one the run started with.
         log: where progress lines go.
+        stop_after: save and stop after this many steps of this invocation (time-sliced jobs); a later
+            ``resume="latest"`` continues exactly where it stopped.
 
     Returns:
         The final state, the model and where the adapter was exported.
@@ -221,7 +224,7 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
     elif resume is not None:
         log(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0")
 
-    result = _loop(cfg, state, train_fn, iterator, ckpt, out, log)
+    result = _loop(cfg, state, train_fn, iterator, ckpt, out, log, stop_after)
     state, losses, stopped = result
     ckpt.close()
     adapter_dir = out / "adapter"
@@ -250,7 +253,8 @@ def _restore(ckpt: Checkpointer, abstract: Any, mode: str, log) -> tuple[Any, di
 
 
 def _loop(cfg: TrainConfig, state: train_step.TrainState, train_fn: Any, iterator: batching.TrainIterator,
-          ckpt: Checkpointer, out: Path, log) -> tuple[train_step.TrainState, list[float], bool]:
+          ckpt: Checkpointer, out: Path, log, stop_after: int | None = None
+          ) -> tuple[train_step.TrainState, list[float], bool]:
     from tqdm.auto import tqdm
 
     from lora_merge_jax.metrics_log import MetricsLog
@@ -289,7 +293,8 @@ def _loop(cfg: TrainConfig, state: train_step.TrainState, train_fn: Any, iterato
                 drain(pending)  # read the previous step's metrics: this step is already dispatched
             pending = (step, metrics, int(sum(b["attention_mask"].sum() for b in micro)))
             bar.update(1)
-            if step % run.save_every == 0 or step == run.steps or sigterm.raised:
+            pause = stop_after is not None and step - start >= stop_after
+            if step % run.save_every == 0 or step == run.steps or sigterm.raised or pause:
                 ckpt.save(step, state, iterator.state(), force=True)
             if too_many_nonfinite:
                 ckpt.save(step, state, iterator.state(), force=True)
@@ -297,8 +302,8 @@ def _loop(cfg: TrainConfig, state: train_step.TrainState, train_fn: Any, iterato
                 raise TrainingStopped(f"{run.max_nonfinite_in_a_row} non-finite steps in a row (limit "
                                       f"train.max_nonfinite_in_a_row); checkpoint saved at step {step} in "
                                       f"{ckpt.directory}")
-            if sigterm.raised:
-                log(f"SIGTERM: checkpoint saved at step {step}; exiting")
+            if sigterm.raised or pause:
+                log(f"{'SIGTERM' if sigterm.raised else 'stop_after'}: checkpoint saved at step {step}; exiting")
                 stopped = True
                 break
         if pending is not None:
