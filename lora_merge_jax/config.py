@@ -136,7 +136,11 @@ def _deep_merge(base: dict, top: Mapping) -> dict:
 
 
 def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
-    """Reads a YAML mapping, resolving ``include:`` (a path or list of paths) relative to the file."""
+    """Reads a YAML mapping, resolving ``include:`` relative to the file.
+
+    ``include`` is a path or a list of paths (merged at the top level, under this file's own keys), or a
+    mapping ``{section: path}`` that puts a file's keys under ``section`` (``include: {data: data/x.yaml}``).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -149,9 +153,16 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     includes = data.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    if isinstance(includes, Mapping):  # {section: file}: the file's keys go under that section
+        pairs = [(str(k), v) for k, v in includes.items()]
+    else:
+        pairs = [(None, v) for v in includes]
     merged: dict = {}
-    for inc in [includes] if isinstance(includes, str) else includes:
-        merged = _deep_merge(merged, read_yaml(path.parent / inc, _seen + (path.resolve(),)))
+    for section, inc in pairs:
+        content = read_yaml(path.parent / inc, _seen + (path.resolve(),))
+        merged = _deep_merge(merged, {section: content} if section else content)
     return _deep_merge(merged, data)
 
 

@@ -19,7 +19,7 @@ import optax
 class OptimConfig:
     """AdamW and its schedule."""
 
-    learning_rate: float = 1e-3  # peak learning rate of the LoRA factors
+    learning_rate: float = 5e-3  # peak rate of the LoRA factors (suits the embedded tiny model; real ones ~2e-4)
     warmup_steps: int = 0  # linear warmup from 0 to the peak
     decay: Literal["cosine", "linear", "constant"] = "cosine"  # shape of the decay after warmup
     end_learning_rate_ratio: float = 0.0  # final learning rate as a fraction of the peak

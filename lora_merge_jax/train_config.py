@@ -12,6 +12,7 @@ from typing import Literal
 
 from lora_merge_jax.data import DataConfig
 from lora_merge_jax.merge.pruning import PruneConfig
+from lora_merge_jax.model_config import PROJECTIONS
 from lora_merge_jax.optim import OptimConfig
 from lora_merge_jax.sharding import MeshConfig
 
@@ -32,7 +33,7 @@ class AdapterSection:
     kind: Literal["lora", "melora", "merge"] = "lora"  # what is trained
     rank: int = 8  # LoRA rank r (MELoRA: rank of each mini LoRA)
     alpha: float = 16.0  # LoRA alpha (MELoRA: alpha of each mini LoRA)
-    target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")  # projection names, or a regex over module paths
+    target_modules: tuple[str, ...] | str = PROJECTIONS  # projection names, or a regex over module paths
     layers: tuple[int, ...] | None = None  # adapt only these layers (PEFT layers_to_transform)
     use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
     rank_pattern: dict[str, int] | None = None  # per-module rank overrides (regex keys, as PEFT)
@@ -66,7 +67,7 @@ class MergeSection:
 class RunSection:
     """The training loop."""
 
-    steps: int = 300  # optimizer steps
+    steps: int = 200  # optimizer steps
     seed: int = 0  # adapter init and dropout
     grad_accum: int = 1  # micro-batches per step
     remat: bool = False  # recompute layer activations in the backward pass (saves memory)

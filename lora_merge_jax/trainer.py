@@ -54,18 +54,20 @@ class TrainResult:
 
 
 def embedded_defaults(cfg: TrainConfig) -> TrainConfig:
-    """Fills in the embedded tiny model and task when no model path and no data are configured."""
-    if cfg.model.path is not None or cfg.data.train_file is not None or cfg.data.hub_name is not None:
-        return cfg
+    """Fills in the embedded tiny model when no model path is set, and its toy task when no data is set."""
     root = Path(cfg.output_dir) / "embedded"
-    if not (root / "model" / "config.json").exists():
-        tiny.make_tiny_model(root / "model")
-    if not (root / "task" / "train.jsonl").exists():
-        tiny.make_tiny_task(root / "task")
-    data = dataclasses.replace(cfg.data, data_dir=str(root / "task"), train_file="train.jsonl",
-                               eval_file="dev.jsonl", prompt_template="Reverse: {input}\n", max_length=96,
-                               max_target_length=48, length_buckets=(64,))
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(root / "model")), data=data)
+    if cfg.model.path is None:
+        if not (root / "model" / "config.json").exists():
+            tiny.make_tiny_model(root / "model")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(root / "model")))
+    if cfg.data.train_file is None and cfg.data.hub_name is None:
+        if not (root / "task" / "train.jsonl").exists():
+            tiny.make_tiny_task(root / "task")
+        data = dataclasses.replace(cfg.data, data_dir=str(root / "task"), train_file="train.jsonl",
+                                   eval_file="dev.jsonl", prompt_template="Reverse: {input}\n", max_length=96,
+                                   max_target_length=48, length_buckets=(64,))
+        cfg = dataclasses.replace(cfg, data=data)
+    return cfg
 
 
 def _dtype(name: str | None) -> Any:
