@@ -1,0 +1,464 @@
+"""Batched text generation with a KV cache: greedy, sampling (temperature / top-k / top-p) and beam search.
+
+Design. The host does only bookkeeping: it left-pads the prompts to a *bucketed* length (so prompts of
+lengths 5 and 9 share one compiled program) and pads the batch to a power of two. Everything else runs in
+ONE jitted call per (bucket, settings): a prefill that writes the whole prompt into a slot-indexed
+``KVCache`` (rotary positions ``cumsum(mask) - 1``, as transformers' ``generate`` does for left padding),
+then a ``jax.lax.while_loop`` that decodes one token per iteration and stops as soon as every row has
+produced an end-of-sequence token, or after ``max_new_tokens``. There is no host round trip per token.
+
+The adapter (anything with ``.deltas(cfg)``) is an argument of the jitted function, so a new adapter of the
+same structure does not recompile. What fixes shapes or code (method, ``max_new_tokens``, ``top_k``,
+``num_beams``, the number of EOS ids) is static (``DecodeSettings``); the rest (EOS ids, temperature, top-p,
+length penalty, early stopping, the seed) is traced (``DecodeParams``), so sweeping it does not recompile.
+
+Beam search follows transformers' vectorised ``_beam_search`` (v4.50+) step for step: the top
+``max(2, 1 + #eos) * num_beams`` continuations, finished hypotheses scored ``sum log p / len ** length_penalty``
+(``len`` counts generated tokens, EOS included), only the top ``num_beams`` candidates may finish, and the
+same ``early_stopping`` heuristic (default ``False``). The cache rows are reordered by a gather each step.
+
+Returned token lists hold the new tokens only and stop *before* the first EOS (EOS excluded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lora_merge_jax import model as model_lib
+from lora_merge_jax import sharding
+from lora_merge_jax.model_config import ModelConfig
+
+Array = jax.Array
+NEG = -1.0e9  # transformers' finite "impossible" beam score; finite so sums and comparisons stay exact
+METHODS = ("greedy", "sample", "beam")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    """What shapes the compiled program; hashable, so it is part of the jit cache key."""
+
+    method: str  # greedy | sample | beam
+    max_new_tokens: int  # N: new tokens at most
+    min_new_tokens: int = 0  # EOS is forbidden before this many new tokens
+    top_k: int = 0  # sampling: keep the k most likely tokens (0 = all)
+    use_top_p: bool = False  # sampling: nucleus filtering on
+    num_beams: int = 4  # beam search width
+    output_logits: bool = False  # also return each step's raw logits [B, N, V] (greedy/sample)
+
+
+@struct.dataclass
+class DecodeParams:
+    """What may change between calls without recompiling: traced scalars and the EOS set."""
+
+    eos_E: Array  # int32 [max(1, #eos)]; -1 pads (never matches a token)
+    pad_token_id: Array  # fills finished rows
+    temperature: Array  # sampling: logits / temperature
+    top_p: Array  # sampling: keep the smallest set with probability >= top_p
+    length_penalty: Array  # beam score = sum log p / length ** length_penalty
+    stop_when_full: Array  # transformers' early_stopping=True
+    never_stop_early: Array  # transformers' early_stopping="never"
+
+
+@dataclasses.dataclass
+class Generation:
+    """Output of ``generate_detailed``.
+
+    Attributes:
+        tokens: per prompt, the new tokens, stopping before the first EOS.
+        logits: per prompt, float32 raw logits [steps, V] of every decoding step (one more row than
+            ``tokens`` when the row ended with EOS); None unless ``output_logits``.
+    """
+
+    tokens: list[list[int]]
+    logits: list[np.ndarray] | None = None
+
+
+@struct.dataclass
+class _Beams:
+    """Beam-search state: B prompts x NB beams, token buffers of N slots."""
+
+    run_tokens_BxNBxN: Array
+    run_scores_BxNB: Array  # summed log-probs of the live beams
+    fin_tokens_BxNBxN: Array
+    fin_scores_BxNB: Array  # length-normalised scores of finished hypotheses (NEG = empty slot)
+    fin_len_BxNB: Array
+    fin_flag_BxNB: Array
+    improvable_B: Array  # transformers' is_early_stop_heuristic_unsatisfied
+
+
+def bucket_length(n: int, minimum: int) -> int:
+    """Padded prompt length: ``minimum`` for short prompts, else n rounded up to at most +25%.
+
+    Steps are ``max(minimum, 2 ** (bit_length(n - 1) - 3))``, so there are a bounded number of buckets per
+    octave and at most a quarter of the prefill is padding.
+
+    Example:
+        >>> bucket_length(9, 16), bucket_length(100, 64), bucket_length(1100, 64)
+        (16, 128, 1280)
+    """
+    if n <= minimum:
+        return minimum
+    step = max(minimum, 1 << max((n - 1).bit_length() - 3, 0))
+    return -(-n // step) * step
+
+
+def filter_logits(logits_BxV: Array, temperature: float | Array = 1.0, top_k: int = 0,
+                  top_p: float | Array = 1.0) -> Array:
+    """Temperature, then top-k, then nucleus (top-p) filtering, in transformers' order; removed -> -inf.
+
+    ``temperature`` and ``top_p`` may be traced scalars (a traced ``top_p`` always filters); ``top_k`` is static.
+
+    Example:
+        >>> filter_logits(jnp.array([[3.0, 2.0, 1.0]]), top_k=2)
+        Array([[ 3.,  2., -inf]], dtype=float32)
+    """
+    logits_BxV = logits_BxV.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth_Bx1 = jax.lax.top_k(logits_BxV, min(top_k, logits_BxV.shape[-1]))[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+    if isinstance(top_p, jax.Array) or top_p < 1.0:
+        sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+        kept_B = jnp.sum(mass_before_BxV < top_p, axis=-1)  # >= 1: the first token has mass 0 before it
+        threshold_Bx1 = jnp.take_along_axis(sorted_BxV, kept_B[:, None] - 1, axis=-1)
+        logits_BxV = jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
+    return logits_BxV
+
+
+def _forbid_early_eos(scores_BxV: Array, step: Array, s: DecodeSettings, d: DecodeParams) -> Array:
+    if not s.min_new_tokens:
+        return scores_BxV
+    eos_V = _is_eos(jnp.arange(scores_BxV.shape[-1]), d)
+    return jnp.where(eos_V & (step < s.min_new_tokens), -jnp.inf, scores_BxV)
+
+
+def _is_eos(tokens: Array, d: DecodeParams) -> Array:
+    return jnp.any(tokens[..., None] == d.eos_E, axis=-1)
+
+
+def _prefill(cfg: ModelConfig, weights: model_lib.Weights, deltas: Any, ids_BxP: Array, mask_BxP: Array,
+             cache_len: int, compute_dtype: Any, cache_sharding: NamedSharding) -> tuple[Array, Any, Array, Array]:
+    """Runs the prompt through the model; returns last-position logits, the cache, slot mask, next positions."""
+    b, p = ids_BxP.shape
+    cache = model_lib.init_cache(cfg, b, cache_len, compute_dtype or weights.embed_VxD.dtype)
+    cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
+    mask_BxS = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(mask_BxP)
+    positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
+    hidden_BxPxD, cache = model_lib.apply_model(
+        cfg, weights, ids_BxP, deltas=deltas, attention_mask_BxS=mask_BxS, positions_BxT=positions_BxP,
+        cache=cache, cache_index=0, compute_dtype=compute_dtype, return_hidden=True)
+    logits_BxV = model_lib.lm_logits(weights, hidden_BxPxD[:, -1:])[:, 0]  # never [B, P, V]
+    return logits_BxV, cache, mask_BxS, jnp.sum(mask_BxP, axis=1)
+
+
+def _decode_one(cfg: ModelConfig, weights: model_lib.Weights, deltas: Any, tokens_R: Array, cache: Any,
+                mask_RxS: Array, slot: Array, positions_R: Array, compute_dtype: Any) -> tuple[Array, Any, Array]:
+    """Feeds one token per row at cache ``slot``; returns its logits [R, V], the cache and the slot mask."""
+    mask_RxS = jax.lax.dynamic_update_slice_in_dim(mask_RxS, jnp.ones((mask_RxS.shape[0], 1), jnp.int32), slot, 1)
+    logits_Rx1xV, cache = model_lib.apply_model(
+        cfg, weights, tokens_R[:, None], deltas=deltas, attention_mask_BxS=mask_RxS,
+        positions_BxT=positions_R[:, None], cache=cache, cache_index=slot, compute_dtype=compute_dtype)
+    return logits_Rx1xV[:, 0], cache, mask_RxS
+
+
+def _sample_loop(cfg, s, d, compute_dtype, cache_shardings, weights, adapter, ids_BxP, mask_BxP, active_B, key):
+    deltas = None if adapter is None else adapter.deltas(cfg)
+    b, p = ids_BxP.shape
+    n = s.max_new_tokens
+    logits_BxV, cache, mask_BxS, next_pos_B = _prefill(cfg, weights, deltas, ids_BxP, mask_BxP, p + n,
+                                                       compute_dtype, cache_shardings[0])
+
+    def select(carry, logits_BxV, step):
+        tokens_BxN, scores_BxNxV, done_B, key = carry
+        key, sub = jax.random.split(key)
+        scores_BxV = _forbid_early_eos(logits_BxV, step, s, d)
+        if s.method == "greedy":
+            token_B = jnp.argmax(scores_BxV, axis=-1).astype(jnp.int32)
+        else:
+            top_p = d.top_p if s.use_top_p else 1.0
+            filtered_BxV = filter_logits(scores_BxV, d.temperature, s.top_k, top_p)
+            token_B = jax.random.categorical(sub, filtered_BxV, axis=-1).astype(jnp.int32)
+        token_B = jnp.where(done_B, d.pad_token_id, token_B)
+        tokens_BxN = jax.lax.dynamic_update_slice_in_dim(tokens_BxN, token_B[:, None], step, 1)
+        if scores_BxNxV is not None:
+            scores_BxNxV = jax.lax.dynamic_update_slice_in_dim(scores_BxNxV, logits_BxV[:, None], step, 1)
+        return tokens_BxN, scores_BxNxV, done_B | _is_eos(token_B, d), key
+
+    tokens_BxN = jnp.full((b, n), d.pad_token_id, jnp.int32)
+    scores_BxNxV = jnp.zeros((b, n, logits_BxV.shape[-1]), jnp.float32) if s.output_logits else None
+    carry = select((tokens_BxN, scores_BxNxV, ~active_B, key), logits_BxV, 0)
+
+    def cond(state):
+        step, _, _, carry = state
+        return (step < n) & ~jnp.all(carry[2])
+
+    def body(state):
+        step, cache, mask_BxS, carry = state
+        last_B = jax.lax.dynamic_index_in_dim(carry[0], step - 1, 1, keepdims=False)
+        logits_BxV, cache, mask_BxS = _decode_one(cfg, weights, deltas, last_B, cache, mask_BxS, p + step - 1,
+                                                  next_pos_B + step - 1, compute_dtype)
+        return step + 1, cache, mask_BxS, select(carry, logits_BxV, step)
+
+    _, _, _, (tokens_BxN, scores_BxNxV, _, _) = jax.lax.while_loop(cond, body, (1, cache, mask_BxS, carry))
+    return tokens_BxN, jnp.full((b,), n, jnp.int32), scores_BxNxV
+
+
+def _gather_beams(x_BxKx: Array, index_BxJ: Array) -> Array:
+    index = index_BxJ.reshape(index_BxJ.shape + (1,) * (x_BxKx.ndim - 2))
+    return jnp.take_along_axis(x_BxKx, index, axis=1)
+
+
+def _beam_select(beams: _Beams, logits_RxV: Array, step: Array, s: DecodeSettings,
+                 d: DecodeParams) -> tuple[_Beams, Array]:
+    """One beam-search step (transformers' steps b-g); returns the new state and each beam's source row."""
+    b, nb, n = beams.run_tokens_BxNBxN.shape
+    v = logits_RxV.shape[-1]
+    keep = max(2, 1 + d.eos_E.shape[0]) * nb  # an empty EOS set is padded to one entry: same K either way
+    logp_BxNBxV = _forbid_early_eos(jax.nn.log_softmax(logits_RxV, axis=-1), step, s, d).reshape(b, nb, v)
+    total_BxW = (logp_BxNBxV + beams.run_scores_BxNB[:, :, None]).reshape(b, nb * v)
+    top_BxK, flat_BxK = jax.lax.top_k(total_BxW, keep)
+    src_BxK, token_BxK = flat_BxK // v, (flat_BxK % v).astype(jnp.int32)
+    at_step_N = jnp.arange(n) == step
+    cand_BxKxN = jnp.where(at_step_N, token_BxK[:, :, None], _gather_beams(beams.run_tokens_BxNBxN, src_BxK))
+    hits_BxK = _is_eos(token_BxK, d) | (step + 1 >= n)
+
+    # Live beams: the best continuations that did not just stop.
+    run_scores_BxNB, pick_BxNB = jax.lax.top_k(top_BxK + hits_BxK * NEG, nb)
+    run_tokens = _gather_beams(cand_BxKxN, pick_BxNB)
+    src_BxNB = _gather_beams(src_BxK, pick_BxNB)
+
+    # Finished hypotheses: merge those just ended (among the top nb only) with the kept ones.
+    fin_cand_BxK = top_BxK / ((step + 1.0) ** d.length_penalty)
+    fin_cand_BxK += (jnp.all(beams.fin_flag_BxNB, axis=-1, keepdims=True) & d.stop_when_full) * NEG
+    fin_cand_BxK += ~beams.improvable_B[:, None] * NEG
+    just_BxK = hits_BxK & (jnp.arange(keep) < nb)
+    fin_cand_BxK += ~just_BxK * NEG
+    merged_scores = jnp.concatenate([beams.fin_scores_BxNB, fin_cand_BxK], axis=1)
+    fin_scores_BxNB, take_BxNB = jax.lax.top_k(merged_scores, nb)
+    merge = lambda old, new: _gather_beams(jnp.concatenate([old, new], axis=1), take_BxNB)  # noqa: E731
+    fin_tokens = merge(beams.fin_tokens_BxNBxN, cand_BxKxN)
+    fin_len = merge(beams.fin_len_BxNB, jnp.full((b, keep), step + 1, jnp.int32))
+    fin_flag = merge(beams.fin_flag_BxNB, just_BxK)
+
+    # Can a live beam still beat the worst finished one? (transformers' _check_early_stop_heuristic)
+    best_len = jnp.where(d.never_stop_early & (d.length_penalty > 0), float(n), step + 1.0)
+    best_possible_Bx1 = run_scores_BxNB[:, :1] / (best_len ** d.length_penalty)
+    worst_BxNB = jnp.where(fin_flag, jnp.min(fin_scores_BxNB, axis=1, keepdims=True), NEG)
+    improvable_B = beams.improvable_B & jnp.any(best_possible_Bx1 > worst_BxNB, axis=-1)
+    new = _Beams(run_tokens, run_scores_BxNB, fin_tokens, fin_scores_BxNB, fin_len, fin_flag, improvable_B)
+    return new, (jnp.arange(b)[:, None] * nb + src_BxNB).reshape(-1)
+
+
+def _beam_loop(cfg, s, d, compute_dtype, cache_shardings, weights, adapter, ids_BxP, mask_BxP, active_B, key):
+    del key
+    deltas = None if adapter is None else adapter.deltas(cfg)
+    b, p = ids_BxP.shape
+    n, nb = s.max_new_tokens, s.num_beams
+    logits_BxV, cache, mask_BxS, next_pos_B = _prefill(cfg, weights, deltas, ids_BxP, mask_BxP, p + n,
+                                                       compute_dtype, cache_shardings[0])
+    # Every beam of a prompt starts from the same prefix; rows are prompt-major: row = prompt * nb + beam.
+    cache = jax.lax.with_sharding_constraint(jax.tree.map(lambda x: jnp.repeat(x, nb, axis=1), cache),
+                                             cache_shardings[1])
+    mask_RxS, next_pos_R = jnp.repeat(mask_BxS, nb, axis=0), jnp.repeat(next_pos_B, nb, axis=0)
+    tokens_BxNBxN = jnp.full((b, nb, n), d.pad_token_id, jnp.int32)
+    beams = _Beams(
+        run_tokens_BxNBxN=tokens_BxNBxN,
+        run_scores_BxNB=jnp.zeros((b, nb), jnp.float32).at[:, 1:].set(NEG),  # only beam 0 is live at first
+        fin_tokens_BxNBxN=tokens_BxNBxN,
+        fin_scores_BxNB=jnp.full((b, nb), NEG, jnp.float32),
+        fin_len_BxNB=jnp.zeros((b, nb), jnp.int32),
+        fin_flag_BxNB=jnp.zeros((b, nb), bool),
+        improvable_B=active_B,
+    )
+    beams, src_R = _beam_select(beams, jnp.repeat(logits_BxV, nb, axis=0), 0, s, d)
+
+    def cond(state):
+        step, _, _, beams, _ = state
+        all_full = jnp.all(beams.fin_flag_BxNB | ~active_B[:, None])
+        return (step < n) & jnp.any(beams.improvable_B) & ~(all_full & d.stop_when_full)
+
+    def body(state):
+        step, cache, mask_RxS, beams, src_R = state
+        cache = jax.tree.map(lambda x: jnp.take(x, src_R, axis=1), cache)
+        last_R = jax.lax.dynamic_index_in_dim(beams.run_tokens_BxNBxN, step - 1, 2, keepdims=False).reshape(-1)
+        logits_RxV, cache, mask_RxS = _decode_one(cfg, weights, deltas, last_R, cache, mask_RxS, p + step - 1,
+                                                  next_pos_R + step - 1, compute_dtype)
+        beams, src_R = _beam_select(beams, logits_RxV, step, s, d)
+        return step + 1, cache, mask_RxS, beams, src_R
+
+    _, _, _, beams, _ = jax.lax.while_loop(cond, body, (1, cache, mask_RxS, beams, src_R))
+    return beams.fin_tokens_BxNBxN[:, 0], beams.fin_len_BxNB[:, 0], None
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "settings", "compute_dtype", "cache_shardings"))
+def _generate_jit(cfg, settings, params, compute_dtype, cache_shardings, weights, adapter, ids_BxP, mask_BxP,
+                  active_B, key):
+    loop = _beam_loop if settings.method == "beam" else _sample_loop
+    return loop(cfg, settings, params, compute_dtype, cache_shardings, weights, adapter, ids_BxP, mask_BxP,
+                active_B, key)
+
+
+def _cache_sharding(model: Any, rows: int) -> NamedSharding:
+    """[L, rows, S, K, Hd]: rows over the batch axes and kv heads over ``tensor`` when they divide."""
+    mesh, cfg = model.mesh, model.config
+    batch = sharding.SHARDING_RULES["batch"] if rows % sharding.mesh_axis_size(mesh, "batch") == 0 else None
+    kv_ok = cfg.num_key_value_heads % sharding.mesh_axis_size(mesh, "kv_heads") == 0
+    heads = sharding.SHARDING_RULES["kv_heads"] if kv_ok else None
+    return NamedSharding(mesh, PartitionSpec(None, batch, None, heads, None))
+
+
+def default_eos_token_ids(model: Any) -> tuple[int, ...]:
+    """EOS ids from config.json, generation_config.json (next to the checkpoint) and the tokenizer."""
+    ids = list(model.config.eos_token_ids)
+    gen_file = Path(model.path) / "generation_config.json" if getattr(model, "path", None) else None
+    if gen_file is not None and gen_file.exists():
+        value = json.loads(gen_file.read_text()).get("eos_token_id")
+        ids += value if isinstance(value, list) else [] if value is None else [value]
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def _default_pad(model: Any, eos: tuple[int, ...]) -> int:
+    tokenizer = getattr(model, "tokenizer", None)
+    for candidate in (model.config.pad_token_id, tokenizer.pad_token_id if tokenizer is not None else None,
+                      *eos[:1]):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def generate_detailed(model: Any, prompts: Sequence[Sequence[int]], adapter: Any = None, *,
+                      max_new_tokens: int = 64, min_new_tokens: int = 0, method: str = "greedy",
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_beams: int = 4,
+                      length_penalty: float = 1.0, early_stopping: bool | str = False,
+                      eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None, seed: int = 0,
+                      prompt_bucket: int = 64, bucket_batch: bool = True,
+                      output_logits: bool = False) -> Generation:
+    """``generate`` (same arguments) that can also return each step's raw logits (greedy/sample only).
+
+    Example:
+        >>> out = generate_detailed(model, [[1, 5, 9]], max_new_tokens=8, output_logits=True)
+        >>> out.logits[0].shape  # (8, vocab) unless EOS came first
+    """
+    if method not in METHODS:
+        raise ValueError(f"method '{method}' is not one of {METHODS}")
+    if max_new_tokens < 1 or not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, "
+                         f"got {max_new_tokens} and {min_new_tokens}")
+    if method == "sample" and (temperature <= 0 or top_k < 0 or not 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0, top_k >= 0, 0 < top_p <= 1; "
+                         f"got {temperature}, {top_k}, {top_p}")
+    if method == "beam" and (num_beams < 1 or output_logits):
+        raise ValueError("beam search needs num_beams >= 1 and does not return logits")
+    prompts = [list(map(int, p)) for p in prompts]
+    vocab = model.config.vocab_size
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
+    if not prompts:
+        return Generation([], [] if output_logits else None)
+    eos = default_eos_token_ids(model) if eos_token_ids is None else tuple(int(e) for e in eos_token_ids)
+    pad = _default_pad(model, eos) if pad_token_id is None else int(pad_token_id)
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    sampling = method == "sample"
+    settings = DecodeSettings(method, max_new_tokens, min_new_tokens, int(top_k) if sampling else 0,
+                              sampling and top_p < 1.0, int(num_beams) if method == "beam" else 0, output_logits)
+    params = DecodeParams(
+        eos_E=jnp.asarray(eos or (-1,), jnp.int32), pad_token_id=jnp.int32(pad),
+        temperature=jnp.float32(temperature), top_p=jnp.float32(top_p), length_penalty=jnp.float32(length_penalty),
+        stop_when_full=jnp.bool_(early_stopping is True), never_stop_early=jnp.bool_(early_stopping == "never"))
+
+    length = bucket_length(max(map(len, prompts)), prompt_bucket)
+    batch = 1 << (len(prompts) - 1).bit_length() if bucket_batch else len(prompts)
+    ids_BxP = np.full((batch, length), pad, np.int32)
+    mask_BxP = np.zeros((batch, length), np.int32)
+    mask_BxP[len(prompts):, -1] = 1  # filler rows get one token so that no attention row is fully masked
+    for i, prompt in enumerate(prompts):
+        ids_BxP[i, length - len(prompt):] = prompt
+        mask_BxP[i, length - len(prompt):] = 1
+    active_B = np.arange(batch) < len(prompts)
+    shard = sharding.batch_sharding(model.mesh, batch)
+    ids_BxP, mask_BxP, active_B = (jax.device_put(x, shard if x.ndim == 2 else sharding.batch_sharding(
+        model.mesh, batch, ndim=1)) for x in (ids_BxP, mask_BxP, active_B))
+    rows = batch * (num_beams if method == "beam" else 1)
+    tokens_BxN, lengths_B, logits_BxNxV = _generate_jit(
+        model.config, settings, params, model.compute_dtype,
+        (_cache_sharding(model, batch), _cache_sharding(model, rows)), model.weights, adapter,
+        ids_BxP, mask_BxP, active_B, jax.random.key(seed))
+
+    tokens_BxN, lengths_B = np.asarray(tokens_BxN), np.asarray(lengths_B)
+    logits_BxNxV = None if logits_BxNxV is None else np.asarray(logits_BxNxV)
+    out_tokens, out_logits = [], []
+    for i in range(len(prompts)):
+        row = tokens_BxN[i, : lengths_B[i]].tolist()
+        stop = next((j for j, t in enumerate(row) if t in eos), None)
+        out_tokens.append(row if stop is None else row[:stop])
+        if logits_BxNxV is not None:
+            out_logits.append(logits_BxNxV[i, : len(row) if stop is None else stop + 1])
+    return Generation(out_tokens, out_logits if output_logits else None)
+
+
+def generate(model: Any, prompts: Sequence[Sequence[int]], adapter: Any = None, *, max_new_tokens: int = 64,
+             min_new_tokens: int = 0, method: str = "greedy", temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, num_beams: int = 4, length_penalty: float = 1.0,
+             early_stopping: bool | str = False, eos_token_ids: Sequence[int] | None = None,
+             pad_token_id: int | None = None, seed: int = 0, prompt_bucket: int = 64,
+             bucket_batch: bool = True) -> list[list[int]]:
+    """New tokens for each prompt (token ids), by greedy decoding, sampling or beam search.
+
+    Args:
+        model: a ``pretrained.Model`` (config, weights, mesh, compute_dtype; tokenizer/path for EOS defaults).
+        prompts: token ids per prompt, of any lengths (left-padded internally).
+        adapter: any adapter with ``.deltas(cfg)`` (LoRA, MELoRA, a merge), or None for the base model.
+        max_new_tokens, min_new_tokens: bounds on the new tokens (EOS is masked out before the minimum).
+        method: "greedy", "sample" (``temperature``, ``top_k`` 0 = off, ``top_p`` 1 = off, ``seed``) or
+            "beam" (``num_beams``, ``length_penalty``, ``early_stopping`` False / True / "never", as transformers).
+        eos_token_ids: stop tokens (default: config.json, generation_config.json and the tokenizer's EOS).
+        pad_token_id: filler id (default: config, tokenizer, first EOS); invisible in the output.
+        prompt_bucket: prompts pad to ``bucket_length(longest, prompt_bucket)`` so lengths share compiles.
+        bucket_batch: pad the batch to a power of two, for the same reason.
+
+    Returns:
+        Per prompt, the new token ids, stopping before the first EOS (the EOS itself is not included).
+
+    Example:
+        >>> generate(model, [[1, 72, 101], [1, 5]], max_new_tokens=16)
+        [[...], [...]]
+        >>> generate(model, prompts, adapter, method="beam", num_beams=4, length_penalty=0.6)
+    """
+    return generate_detailed(
+        model, prompts, adapter, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, method=method,
+        temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
+        early_stopping=early_stopping, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, seed=seed,
+        prompt_bucket=prompt_bucket, bucket_batch=bucket_batch).tokens
+
+
+def generate_text(model: Any, texts: Sequence[str], adapter: Any = None, *, add_special_tokens: bool = True,
+                  skip_special_tokens: bool = True, **kwargs: Any) -> list[str]:
+    """Tokenizes ``texts`` with ``model.tokenizer``, generates, and decodes the new tokens.
+
+    Example:
+        >>> generate_text(model, ["Summarize: the cat sat on the mat.\\nTL;DR:"], max_new_tokens=32)
+    """
+    if model.tokenizer is None:
+        raise ValueError("generate_text needs model.tokenizer; the checkpoint had no tokenizer files")
+    prompts = [model.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+    new_tokens = generate(model, prompts, adapter, **kwargs)
+    return model.tokenizer.batch_decode(new_tokens, skip_special_tokens=skip_special_tokens)

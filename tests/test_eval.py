@@ -1,0 +1,62 @@
+"""eval.py end to end on the embedded tiny model, and its errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_merge_jax import config, tiny
+from lora_merge_jax.evaluation import EvalConfig, evaluate
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    tiny.make_tiny_model(root / "model")
+    tiny.make_tiny_task(root / "task", train_size=8, dev_size=6)
+    return root
+
+
+def _cfg(root: Path, out: Path, *extra: str) -> EvalConfig:
+    sets = [f"output_dir={out}", f"model_path={root / 'model'}", f"data.data_dir={root / 'task'}",
+            "data.train_file=train.jsonl", "data.eval_file=dev.jsonl", "data.prompt_template='Reverse: {input}\n'",
+            "data.max_length=96", "data.max_target_length=16", "generation.max_new_tokens=8",
+            "generation.batch_size=4"]
+    return config.load_config(EvalConfig, None, sets + list(extra))
+
+
+def test_report_scores_and_predictions(setup, tmp_path):
+    results = evaluate(_cfg(setup, tmp_path), log=lambda *_: None, progress=False)
+    assert set(results) == {"base"}
+    assert results["base"]["num_examples"] == 6 and results["base"]["reference_loss"] > 0
+    lines = (tmp_path / "predictions_base.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and "references" in json.loads(lines[0])
+    assert json.loads((tmp_path / "scores.json").read_text())["base"]["rouge1"] == results["base"]["rouge1"]
+    assert "| base |" in (tmp_path / "report.md").read_text()
+
+
+def test_missing_adapter_is_named_and_earlier_report_untouched(setup, tmp_path):
+    evaluate(_cfg(setup, tmp_path), log=lambda *_: None, progress=False)
+    before = (tmp_path / "report.md").read_text()
+    cfg = _cfg(setup, tmp_path, "adapters=[{name: mine, path: /nonexistent/adapter}]")
+    with pytest.raises(FileNotFoundError, match="adapter 'mine': /nonexistent/adapter does not exist"):
+        evaluate(cfg, log=lambda *_: None, progress=False)
+    assert (tmp_path / "report.md").read_text() == before
+
+
+def test_missing_reference_field(setup, tmp_path):
+    cfg = _cfg(setup, tmp_path, "data.target_field=tldr")
+    with pytest.raises(ValueError, match="dev.jsonl:1.*tldr"):
+        evaluate(cfg, log=lambda *_: None, progress=False)
+
+
+def test_eval_py_exits_nonzero_with_the_message(setup, tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "eval.py"), "--set", f"model_path={tmp_path / 'none'}",
+                           "--set", f"output_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 1
+    assert "none: no such checkpoint directory" in done.stderr
