@@ -67,7 +67,7 @@ def test_no_gradient_buffer_for_base_weights(tmp_path):
     compiled = step.jitted.lower(state, model.weights, batch).compile()
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.weights))
     temp = compiled.memory_analysis().temp_size_in_bytes
-    assert temp < 0.25 * weight_bytes
+    assert temp < 0.5 * weight_bytes  # a gradient of the base weights alone would be 100%
     # The control: differentiating the base weights too needs a buffer at least the size of the largest weight.
     from lora_merge_jax import losses
     from lora_merge_jax import model as model_lib
