@@ -131,3 +131,20 @@ def test_adapter_and_optimizer_stay_float32_with_bfloat16_base(tiny_dir):
     assert np.isfinite(float(metrics["loss"]))
     assert {x.dtype for x in jax.tree.leaves((state.trainable, state.opt_state)) if x.ndim > 0} == {jnp.dtype("float32")}
     
+
+def test_remat_changes_memory_not_results(tiny_dir):
+    model = lmj.load_pretrained(tiny_dir)
+    batch = random_batch(np.random.default_rng())
+    adapter = lmj.init_lora(model.config, jax.random.key(0), rank=4, target_modules=TARGETS)
+    outs = []
+    for remat in (False, True):
+        tx = make_optimizer(OptimConfig(learning_rate=1e-2), 10)
+        state = init_state(jax.tree.map(jnp.copy, adapter), tx, seed=0)
+        step = jit_train_step(make_train_step(model.config, tx, remat=remat), state, model.weights, model.config,
+                              model.mesh, 8)
+        for _ in range(2):
+            state, metrics = step(state, batch)
+        outs.append((leaves(state.trainable), float(metrics["loss"])))
+    assert abs(outs[0][1] - outs[1][1]) < 1e-6
+    for a, b in zip(outs[0][0], outs[1][0]):
+        np.testing.assert_allclose(a, b, atol=1e-6)
