@@ -147,7 +147,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
             skipped_in_a_row=jnp.where(finite, 0, state.skipped_in_a_row + 1),
         )
         metrics = {
-            "loss": loss, "target_tokens": count, "grad_norm": optax.global_norm(grads),
+            "loss": loss, "target_tokens": count, "grad_norm": optax.tree_utils.tree_norm(grads),
             "finite": finite, "skipped": new_state.skipped, "skipped_in_a_row": new_state.skipped_in_a_row,
         }
         return new_state, metrics
