@@ -103,7 +103,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     kwargs = {name: _convert(hints[name], data[name], prefix + name) for name in fields if name in data}
     try:
         obj = cls(**kwargs)
-    except TypeError as e:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a dataclass that checks itself on construction
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
     validate = getattr(obj, "validate", None)
     if validate is not None:

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,14 +87,13 @@ def fold(model: Any, adapter: Any) -> model_lib.Weights:
         >>> merged = fold(model, adapter)
         >>> save_pretrained(model, "out/merged", weights=merged)
     """
-    cfg: ModelConfig = model.config
+    return _fold(model.config, model.weights, adapter)
 
-    @jax.jit
-    def _fold(weights: model_lib.Weights, adapter: Any) -> model_lib.Weights:
-        proj = dict(weights.layers.proj)
-        for name, delta in adapter.deltas(cfg).items():
-            w = proj[name]
-            proj[name] = (w.astype(jnp.float32) + delta.weight()).astype(w.dtype)
-        return dataclasses.replace(weights, layers=dataclasses.replace(weights.layers, proj=proj))
 
-    return _fold(model.weights, adapter)
+@functools.partial(jax.jit, static_argnames="cfg")
+def _fold(cfg: ModelConfig, weights: model_lib.Weights, adapter: Any) -> model_lib.Weights:
+    proj = dict(weights.layers.proj)
+    for name, delta in adapter.deltas(cfg).items():
+        w = proj[name]
+        proj[name] = (w.astype(jnp.float32) + delta.weight()).astype(w.dtype)
+    return dataclasses.replace(weights, layers=dataclasses.replace(weights.layers, proj=proj))

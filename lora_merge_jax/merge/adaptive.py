@@ -111,13 +111,16 @@ def merge_for_training(adapters: Sequence[LoraAdapter], granularity: Granularity
         num_layers: L (default: from the adapters' factors).
 
     Raises:
-        ValueError: no adapters, or adapters that target different projections (naming them).
+        ValueError: no adapters, an unknown granularity, adapters that target different projections (naming
+            them) or whose factors have different layer counts or feature sizes.
 
     Example:
         >>> merged = merge_for_training([lora_a, lora_b, lora_c], granularity="task_layer")
     """
     if not adapters:
         raise ValueError("merge: at least one task LoRA is needed, got zero")
+    if granularity not in ("task", "task_layer", "task_module"):
+        raise ValueError(f"merge: granularity '{granularity}' is not one of task, task_layer, task_module")
     k = len(adapters)
     names = list(adapters[0].a)
     for i, ad in enumerate(adapters[1:], 1):
@@ -127,10 +130,17 @@ def merge_for_training(adapters: Sequence[LoraAdapter], granularity: Granularity
                 f"merge: task LoRA {i} targets {sorted(ad.a)} but task LoRA 0 targets {sorted(names)}; "
                 f"they differ on {diff}. All task LoRAs must adapt the same projections"
             )
+        for name in names:
+            # [L, in] of A and [L, out] of B must agree; only the rank may differ.
+            got, want = (ad.a[name].shape[:2], ad.b[name].shape[::2]), (adapters[0].a[name].shape[:2],
+                                                                         adapters[0].b[name].shape[::2])
+            if got != want:
+                raise ValueError(f"merge: task LoRA {i}'s {name} has [layers, in] / [layers, out] {got}, but task "
+                                 f"LoRA 0's has {want}; task LoRAs must come from the same base model")
     layers = num_layers or adapters[0].a[names[0]].shape[0]
     if init_coefficients is None:
         init = np.full((k,), 1.0 / k, np.float32)
-    elif isinstance(init_coefficients, (int, float)):
+    elif np.ndim(init_coefficients) == 0:
         init = np.full((k,), float(init_coefficients), np.float32)
     else:
         init = np.asarray(init_coefficients, np.float32)
@@ -154,8 +164,6 @@ def merge_for_training(adapters: Sequence[LoraAdapter], granularity: Granularity
         coefficients: Any = jnp.asarray(init)
     elif granularity == "task_layer":
         coefficients = jnp.tile(jnp.asarray(init), (layers, 1))
-    elif granularity == "task_module":
-        coefficients = {name: jnp.tile(jnp.asarray(init), (layers, 1)) for name in names}
     else:
-        raise ValueError(f"merge: granularity '{granularity}' is not one of task, task_layer, task_module")
+        coefficients = {name: jnp.tile(jnp.asarray(init), (layers, 1)) for name in names}
     return MergedLoraAdapter(a, b, mask_a, mask_b, task_scale, onehot, coefficients, dropout)

@@ -38,7 +38,15 @@ def compress(adapter: Any, rank: int) -> tuple[LoraAdapter, dict[str, float]]:
 
     Returns:
         (LoRA of rank ``rank`` with scale 1, {projection: ||dW - dW_r||_F / ||dW||_F over all layers}).
+
+    Raises:
+        ValueError: ``rank`` < 1.
+
+    Example:
+        >>> small, errors = compress(merged, rank=8)   # errors["q_proj"] == 0.0 when rank >= the true rank
     """
+    if rank < 1:
+        raise ValueError(f"compress: rank must be >= 1, got {rank}")
     a_out, b_out, scale_out, errors = {}, {}, {}, {}
     for name, delta in adapter.deltas(None).items():
         dw_LxDxF = np.asarray(jax.device_get(delta.weight()), np.float64)

@@ -16,6 +16,9 @@ given in our sources, so each choice is an option (defaults picked on our benchm
 Masks only ever shrink: an entry pruned once is scored -inf thereafter. When masks change, the factors
 and their Adam moments are zeroed at the pruned entries; since the forward multiplies the factors by the
 masks, pruned entries then receive zero gradient and stay exactly zero.
+
+Sparsity counts what is ranked: entries for ``parameter`` granularity, rank-1 components for ``component``
+granularity, so a group of n units at target t loses exactly floor(t * n) of them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from lora_merge_jax.merge.adaptive import MergedLoraAdapter
 
@@ -49,17 +53,33 @@ class PruneConfig:
     every: int = 10  # prune every this many steps
     sensitivity_beta: float = 0.85  # EMA factor of the sensitivity score
 
+    def __post_init__(self) -> None:
+        for name in ("layers", "layer_sparsity"):  # YAML and callers may give lists
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+        self.validate()
+
     def validate(self) -> None:
-        sparsities = (self.final_sparsity,) + tuple(self.layer_sparsity or ())
-        bad = [s for s in sparsities if not 0.0 <= s < 1.0]
-        if bad:
-            raise ValueError(f"pruning sparsity must be in [0, 1), got {bad[0]}")
-        if self.layers is not None and (len(self.layers) != 2 or self.layers[0] > self.layers[1]):
-            raise ValueError(f"pruning layers: expected [first, last] with first <= last, got {list(self.layers)}")
+        """Raises a ValueError naming the first field out of range."""
+        for name, value, allowed in (("criterion", self.criterion, ("magnitude", "sensitivity")),
+                                     ("granularity", self.granularity, ("parameter", "component")),
+                                     ("scope", self.scope, ("global", "layer", "module"))):
+            if value not in allowed:
+                raise ValueError(f"pruning {name} must be one of {', '.join(allowed)}, got {value!r}")
+        sparsities = [("final_sparsity", self.final_sparsity)]
+        sparsities += [(f"layer_sparsity[{i}]", s) for i, s in enumerate(self.layer_sparsity or ())]
+        for name, value in sparsities:
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}: pruning sparsity must be in [0, 1), got {value}")
+        if self.layers is not None and (len(self.layers) != 2 or not 0 <= self.layers[0] <= self.layers[1]):
+            raise ValueError(f"pruning layers: expected [first, last] with 0 <= first <= last, got {list(self.layers)}")
         if self.layer_sparsity is not None and self.scope == "global":
             raise ValueError("pruning layer_sparsity needs scope 'layer' or 'module', not 'global'")
         if self.every < 1 or self.start_step < 0:
             raise ValueError("pruning every must be >= 1 and start_step >= 0")
+        if self.end_step is not None and self.end_step <= self.start_step:
+            raise ValueError(f"pruning end_step ({self.end_step}) must be after start_step ({self.start_step})")
         if not 0.0 <= self.sensitivity_beta < 1.0:
             raise ValueError(f"pruning sensitivity_beta must be in [0, 1), got {self.sensitivity_beta}")
 
@@ -88,14 +108,26 @@ def schedule_fraction(cfg: PruneConfig, step: Array, total_steps: int) -> Array:
     return 1.0 - (1.0 - progress) ** 3
 
 
+@struct.dataclass
+class FactorScores:
+    """A score per factor entry, shaped like the adapter's ``a`` and ``b``.
+
+    A dataclass (not a dict) so that its key paths end in ``.a['q_proj']`` like the factors', and
+    ``train_step.state_shardings`` shards it like them.
+    """
+
+    a: dict[str, Array]
+    b: dict[str, Array]
+
+
 def init_statistics(cfg: PruneConfig, adapter: MergedLoraAdapter) -> dict | None:
     """Pruning state kept in the checkpoint: the sensitivity EMA (for that criterion) and the last target."""
     if not cfg.enabled:
         return None
     stats: dict[str, Any] = {"target_sparsity": jnp.zeros((), jnp.float32)}
     if cfg.criterion == "sensitivity":
-        stats["ema_a"] = jax.tree.map(jnp.zeros_like, adapter.a)
-        stats["ema_b"] = jax.tree.map(jnp.zeros_like, adapter.b)
+        stats["sensitivity"] = FactorScores(a=jax.tree.map(jnp.zeros_like, adapter.a),
+                                            b=jax.tree.map(jnp.zeros_like, adapter.b))
     return stats
 
 
@@ -108,7 +140,7 @@ def _keep_top(scores_GxN: Array, prune_G: Array) -> Array:
 
 def _scores(cfg: PruneConfig, adapter: MergedLoraAdapter, stats: dict) -> tuple[dict, dict]:
     if cfg.criterion == "sensitivity":
-        sa, sb = stats["ema_a"], stats["ema_b"]
+        sa, sb = stats["sensitivity"].a, stats["sensitivity"].b
     else:
         sa = {n: jnp.abs(x) for n, x in adapter.a.items()}
         sb = {n: jnp.abs(x) for n, x in adapter.b.items()}
@@ -179,7 +211,17 @@ def _mask_moments(tree: Any, mask_a: dict, mask_b: dict) -> Any:
 
 
 def make_post_update(cfg: PruneConfig, total_steps: int, num_layers: int) -> Callable:
-    """The ``post_update(state, grads) -> state`` hook of the train step that updates statistics and masks."""
+    """The ``post_update(state, grads) -> state`` hook of the train step that updates statistics and masks.
+
+    The state's ``extra`` must be ``init_statistics(cfg, adapter)``. With ``cfg.enabled`` false the hook
+    returns the state unchanged.
+
+    Example:
+        >>> hook = make_post_update(PruneConfig(final_sparsity=0.5), total_steps=1000, num_layers=16)
+        >>> step = make_train_step(model.config, tx, post_update=hook)
+    """
+    if not cfg.enabled:
+        return lambda state, grads: state
     final_L = jnp.asarray(layer_targets(cfg, num_layers))
     end = cfg.end_step if cfg.end_step is not None else max(cfg.start_step + 1, (3 * total_steps) // 4)
 
@@ -187,11 +229,15 @@ def make_post_update(cfg: PruneConfig, total_steps: int, num_layers: int) -> Cal
         adapter = state.adapter
         stats = dict(state.extra)
         if cfg.criterion == "sensitivity":
+            if grads.a is None or grads.b is None:
+                raise ValueError("pruning criterion 'sensitivity' needs gradients of the LoRA factors, but they "
+                                 "are frozen (trainable_fields without 'a' and 'b'); use criterion 'magnitude'")
             beta = cfg.sensitivity_beta
-            stats["ema_a"] = {n: beta * stats["ema_a"][n] + (1 - beta) * jnp.abs(adapter.a[n] * grads.a[n])
-                              for n in adapter.a}
-            stats["ema_b"] = {n: beta * stats["ema_b"][n] + (1 - beta) * jnp.abs(adapter.b[n] * grads.b[n])
-                              for n in adapter.b}
+            ema = stats["sensitivity"]
+            stats["sensitivity"] = FactorScores(
+                a={n: beta * ema.a[n] + (1 - beta) * jnp.abs(adapter.a[n] * grads.a[n]) for n in adapter.a},
+                b={n: beta * ema.b[n] + (1 - beta) * jnp.abs(adapter.b[n] * grads.b[n]) for n in adapter.b},
+            )
         step = state.step
         due = (step >= cfg.start_step) & (((step - cfg.start_step) % cfg.every == 0) | (step == end))
         target_L = final_L * schedule_fraction(cfg, step, total_steps)
