@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         defaults = _embedded_default() if args.config is None else []
         cfg = config.load_config(EvalConfig, args.config, defaults + args.set)
-    except config.ConfigError as e:
+    except ValueError as e:  # ConfigError, and the checks some config sections run on construction
         print(f"error: {e}", file=sys.stderr)
         return 2
     from lora_merge_jax.evaluation import evaluate

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config.load_config(TrainConfig, args.config, args.set)
-    except config.ConfigError as e:
+    except ValueError as e:  # ConfigError, and the checks some config sections run on construction
         print(f"error: {e}", file=sys.stderr)
         return 2
     from lora_merge_jax.trainer import train

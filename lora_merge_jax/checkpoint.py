@@ -2,8 +2,10 @@
 
 Each checkpoint step directory holds ``state`` (the TrainState pytree: adapter, masks, optimizer state,
 step, RNG, counters, pruning statistics) and ``data`` (the iterator position, JSON). Orbax writes a step
-into a temporary directory and renames it when complete, so an interrupted save is never listed as a
-step; ``restore`` therefore always sees complete checkpoints. The run's resolved config is written
+into a temporary directory (``<step>.orbax-checkpoint-tmp-<time>``) and renames it when complete, so an
+interrupted save is never listed as a step; ``restore`` therefore only sees complete checkpoints. A
+complete one damaged afterwards (a truncated or corrupted file: OCDBT checks CRC-32C checksums) raises
+``CheckpointError`` naming its step directory. The run's resolved config is written
 beside the steps (``run_config.yaml``) so a resume can refuse a different config.
 """
 
@@ -77,6 +79,20 @@ class Checkpointer:
         except Exception as e:  # orbax raises many types for a damaged step directory
             raise CheckpointError(f"{self.directory / str(step)}: cannot restore checkpoint: {type(e).__name__}: {e}") from e
         return restored.state, dict(restored.data), step
+
+    def quarantine(self, step: int) -> Path:
+        """Moves step directory ``step`` (one that cannot be restored) to ``damaged_checkpoints/`` beside
+        this directory, so that it is kept for inspection but is no longer a step; returns where it went."""
+        target_dir = self.directory.parent / "damaged_checkpoints"
+        target = target_dir / str(step)
+        suffix = 1
+        while target.exists():
+            target, suffix = target_dir / f"{step}.{suffix}", suffix + 1
+        if jax.process_index() == 0:
+            target_dir.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""

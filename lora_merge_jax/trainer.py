@@ -27,7 +27,7 @@ from lora_merge_jax import batching, config, optim, tiny, train_step
 from lora_merge_jax.adapters import common, peft_io
 from lora_merge_jax.adapters.lora import init_lora
 from lora_merge_jax.adapters.melora import init_melora
-from lora_merge_jax.checkpoint import Checkpointer, abstract_like
+from lora_merge_jax.checkpoint import CheckpointError, Checkpointer, abstract_like
 from lora_merge_jax.merge import adaptive, pruning
 from lora_merge_jax.pretrained import Model, load_pretrained
 from lora_merge_jax.sharding import make_mesh
@@ -106,18 +106,28 @@ def trainable_fields(cfg: TrainConfig) -> tuple[str, ...] | None:
     return None
 
 
-def _check_run_config(out: Path, cfg: TrainConfig, force: bool) -> None:
-    """Writes the run's config beside its checkpoints; a resume with a different config is refused."""
+def _check_run_config(out: Path, cfg: TrainConfig, force: bool) -> bool:
+    """Refuses a resume whose config differs from the one the run started with (``output_dir`` aside, so a
+    moved run directory still resumes); returns whether ``run_config.yaml`` needs (re)writing."""
     file = out / RUN_CONFIG
     current = config.to_dict(cfg)
-    if file.exists():
-        saved = yaml.safe_load(file.read_text())
-        if saved != current and not force:
-            diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-            raise ValueError(f"{file}: this run was started with a different config (sections {diff} differ); "
-                             "resume with the same config, or pass --force to override")
+    if not file.exists():
+        return True
+    saved = yaml.safe_load(file.read_text())
+    if saved == current:
+        return False
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k) and k != "output_dir")
+    if diff and not force:
+        raise ValueError(f"{file}: this run was started with a different config (sections {diff} differ); "
+                         "resume with the same config, or pass --force to override")
+    return True
+
+
+def _write_run_config(out: Path, cfg: TrainConfig) -> None:
+    """Writes the run's resolved config (seed included) beside its checkpoints, atomically."""
+    file = out / RUN_CONFIG
     tmp = file.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(current, sort_keys=False, allow_unicode=True))
+    tmp.write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False, allow_unicode=True))
     tmp.replace(file)
 
 
@@ -171,7 +181,8 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
     Args:
         cfg: the run's config.
         resume: None (start fresh; refuses a directory that has checkpoints), ``"latest"`` (the latest
-            complete checkpoint) or ``"latest_valid"`` (the latest one that restores, skipping damaged ones).
+            complete checkpoint; an error if it cannot be read) or ``"latest_valid"`` (the latest one that
+            restores; the damaged ones after it are moved to ``damaged_checkpoints/``).
         force: resume even though the config differs from the one the run started with.
         log: where progress lines go.
         stop_after: save and stop after this many steps of this invocation (time-sliced jobs); a later
@@ -182,10 +193,10 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
     """
     if cfg.train.distributed:
         jax.distributed.initialize()
-    cfg = embedded_defaults(cfg)
     out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
+    if out.exists() and not out.is_dir():  # before embedded_defaults, which writes under it
         raise FileExistsError(f"output_dir {out}: exists and is not a directory")
+    cfg = embedded_defaults(cfg)
     mesh = make_mesh(cfg.mesh)
     log(f"devices: {len(jax.devices())} x {jax.devices()[0].platform} ({jax.process_count()} process(es)); "
         f"mesh {dict(mesh.shape)}")
@@ -215,16 +226,25 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
     ckpt = Checkpointer(out / "checkpoints", cfg.train.keep_checkpoints, cfg.train.async_checkpoints)
     resumed_from = None
     if resume is None and ckpt.latest_step() is not None:
+        ckpt.close()
         raise FileExistsError(f"{out / 'checkpoints'}: holds checkpoints of an earlier run; pass --resume to continue "
                               "it or choose another output_dir")
-    _check_run_config(out, cfg, force)
-    if resume is not None and ckpt.latest_step() is not None:
-        abstract = abstract_like(state, train_fn.state_shardings)
-        state, position, resumed_from = _restore(ckpt, abstract, resume, log)
-        iterator.restore(position)
-        log(f"resumed from step {resumed_from} ({ckpt.directory / str(resumed_from)})")
-    elif resume is not None:
-        log(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0")
+    try:
+        write_config = _check_run_config(out, cfg, force)
+        if resume is not None and ckpt.latest_step() is not None:
+            abstract = abstract_like(state, train_fn.state_shardings)
+            state, position, resumed_from = _restore(ckpt, abstract, resume, log)
+            iterator.restore(position)
+            log(f"resumed from step {resumed_from} ({ckpt.directory / str(resumed_from)})")
+        elif resume is not None:
+            log(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0")
+    except BaseException:
+        ckpt.close()  # a refused or failed resume leaves run_config.yaml and the checkpoints as they were
+        raise
+    if write_config:
+        _write_run_config(out, cfg)
+    # Placed as the step returns it, so that its first and later calls share one compiled program.
+    state = jax.device_put(state, train_fn.state_shardings)
 
     result = _loop(cfg, state, train_fn, iterator, ckpt, out, log, stop_after)
     state, losses, stopped = result
@@ -241,17 +261,34 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
 
 
 def _restore(ckpt: Checkpointer, abstract: Any, mode: str, log) -> tuple[Any, dict, int]:
+    """Restores the latest complete checkpoint; with ``latest_valid`` the latest one that restores.
+
+    Orbax lists only complete (renamed) step directories, so a save cut short is never a candidate. A
+    listed one that cannot be read (truncated, corrupted) is an error with ``latest``; ``latest_valid``
+    says so, falls back to the previous one, and moves the damaged ones aside (to
+    ``damaged_checkpoints/`` beside ``checkpoints/``) so that the resumed run can save those steps again.
+    """
     if mode not in ("latest", "latest_valid"):
         raise ValueError(f"--resume {mode!r}: expected 'latest' or 'latest_valid'")
     steps = ckpt.steps()
     if mode == "latest":
-        return ckpt.restore(abstract, steps[-1])
+        try:
+            return ckpt.restore(abstract, steps[-1])
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}\nthe latest checkpoint cannot be restored (damaged?); nothing was changed. "
+                                  "Pass --resume latest_valid to fall back to the previous complete checkpoint") from e
+    damaged = []
     for step in reversed(steps):
         try:
-            return ckpt.restore(abstract, step)
-        except Exception as e:  # noqa: BLE001 - reported, then the previous checkpoint is tried
+            restored = ckpt.restore(abstract, step)
+        except CheckpointError as e:
             log(f"checkpoint step {step} cannot be restored ({e}); trying the previous one")
-    raise RuntimeError(f"{ckpt.directory}: no checkpoint could be restored")
+            damaged.append(step)
+            continue
+        for bad in damaged:
+            log(f"damaged checkpoint step {bad} moved to {ckpt.quarantine(bad)}")
+        return restored
+    raise CheckpointError(f"{ckpt.directory}: none of the checkpoints {steps} could be restored")
 
 
 def _loop(cfg: TrainConfig, state: train_step.TrainState, train_fn: Any, iterator: batching.TrainIterator,
@@ -296,14 +333,18 @@ def _loop(cfg: TrainConfig, state: train_step.TrainState, train_fn: Any, iterato
             pending = (step, metrics, int(sum(b["attention_mask"].sum() for b in micro)))
             bar.update(1)
             pause = stop_after is not None and step - start >= stop_after
-            if step % run.save_every == 0 or step == run.steps or sigterm.raised or pause:
+            if (step % run.save_every == 0 or step == run.steps or sigterm.raised or pause
+                    or too_many_nonfinite):
                 ckpt.save(step, state, iterator.state(), force=True)
             if too_many_nonfinite:
-                ckpt.save(step, state, iterator.state(), force=True)
                 ckpt.close()
-                raise TrainingStopped(f"{run.max_nonfinite_in_a_row} non-finite steps in a row (limit "
-                                      f"train.max_nonfinite_in_a_row); checkpoint saved at step {step} in "
-                                      f"{ckpt.directory}")
+                bar.close()
+                metrics_log.close()
+                raise TrainingStopped(
+                    f"stopped: {run.max_nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+                    f"(limit train.max_nonfinite_in_a_row) and were skipped; checkpoint saved at step {step} in "
+                    f"{ckpt.directory} (its adapter is the last finite one). Check the data, the learning rate "
+                    "and the base weights, then resume")
             if sigterm.raised or pause:
                 log(f"{'SIGTERM' if sigterm.raised else 'stop_after'}: checkpoint saved at step {step}; exiting")
                 stopped = True
