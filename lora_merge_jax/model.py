@@ -143,6 +143,20 @@ def init_random(cfg: ModelConfig, key: Array, dtype: Any = jnp.float32, mesh: Me
     return jax.jit(build, out_shardings=out_shardings)(key)
 
 
+def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+    """Pins an activation to its logical ``axes`` when a mesh is set (``jax.set_mesh``); else a no-op.
+
+    Without it XLA's partitioner is free to meet a batch-sharded activation and an fsdp-sharded weight by
+    gathering the activations of the whole global batch onto every device (it does so at the LM head: the
+    float32 logits of every sequence on every device) instead of gathering the weight.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names):
+        return x
+    axes = tuple(a if a is None or d % sharding.mesh_axis_size(mesh, a) == 0 else None for d, a in zip(x.shape, axes))
+    return jax.lax.with_sharding_constraint(x, sharding.logical_to_spec(axes))
+
+
 def _rms_norm(x_BxTxD: Array, w_D: Array, eps: float) -> Array:
     # As transformers: normalise in float32, cast back, then scale by the weight.
     x32 = x_BxTxD.astype(jnp.float32)
@@ -172,7 +186,9 @@ _ACTIVATIONS = {
 
 def _project(name: str, x_BxTxD: Array, w: LayerWeights, deltas: dict[str, Delta], dropout: float,
              rng: Array | None) -> Array:
-    y = jnp.einsum("btd,df->btf", x_BxTxD, w.proj[name].astype(x_BxTxD.dtype))
+    # On the flattened tokens [B*T, D]: see adapters/deltas.py, _tokens_first.
+    x_NxD = x_BxTxD.reshape(-1, x_BxTxD.shape[-1])
+    y = jnp.einsum("nd,df->nf", x_NxD, w.proj[name].astype(x_BxTxD.dtype)).reshape(*x_BxTxD.shape[:-1], -1)
     if name in w.bias:
         y = y + w.bias[name].astype(y.dtype)
     if name in deltas:
@@ -181,16 +197,56 @@ def _project(name: str, x_BxTxD: Array, w: LayerWeights, deltas: dict[str, Delta
     return y
 
 
+def _masked_logits(q_BxTxKxGxHd: Array, k_BxSxKxHd: Array, mask_BxTxS: Array) -> Array:
+    logits = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxHd, k_BxSxKxHd, preferred_element_type=jnp.float32)
+    logits = logits * (q_BxTxKxGxHd.shape[-1] ** -0.5)
+    # A large finite negative rather than -inf: a fully masked row (left padding) stays finite.
+    return jnp.where(mask_BxTxS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+
+
+@jax.custom_vjp
+def _grouped_attention(q_BxTxKxGxHd: Array, k_BxSxKxHd: Array, v_BxSxKxHd: Array, mask_BxTxS: Array) -> Array:
+    probs = jax.nn.softmax(_masked_logits(q_BxTxKxGxHd, k_BxSxKxHd, mask_BxTxS), axis=-1).astype(v_BxSxKxHd.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxHd)
+
+
+def _grouped_attention_fwd(q, k, v, mask_BxTxS):
+    # The softmax as jax.nn.softmax computes it, keeping its [T]-sized statistics as the residuals instead of
+    # the [T, S] probabilities: for every layer of a long sequence those would be the step's largest buffers,
+    # and recomputing them costs one q.k product.
+    logits = _masked_logits(q, k, mask_BxTxS)
+    max_BxKxGxT = jnp.max(logits, axis=-1)
+    unnormalized = jnp.exp(logits - max_BxKxGxT[..., None])
+    sum_BxKxGxT = jnp.sum(unnormalized, axis=-1)
+    probs = (unnormalized / sum_BxKxGxT[..., None]).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out, (q, k, v, mask_BxTxS, max_BxKxGxT, sum_BxKxGxT)
+
+
+def _grouped_attention_bwd(residuals, d_out):
+    q, k, v, mask_BxTxS, max_BxKxGxT, sum_BxKxGxT = residuals
+    logits = _masked_logits(q, k, mask_BxTxS)
+    probs = jnp.exp(logits - max_BxKxGxT[..., None]) / sum_BxKxGxT[..., None]
+    d_probs = jnp.einsum("btkgh,bskh->bkgts", d_out, v, preferred_element_type=jnp.float32)
+    # The softmax's vector-Jacobian product, written as jax.nn.softmax's own so that it rounds alike.
+    d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True)) * q.shape[-1] ** -0.5
+    # Masked entries get no gradient (as through jnp.where), which matters for fully masked rows.
+    d_logits = jnp.where(mask_BxTxS[:, None, None], d_logits, 0.0).astype(q.dtype)
+    d_q = jnp.einsum("bkgts,bskh->btkgh", d_logits, k)
+    d_k = jnp.einsum("bkgts,btkgh->bskh", d_logits, q)
+    d_v = jnp.einsum("bkgts,btkgh->bskh", probs.astype(v.dtype), d_out)
+    return d_q, d_k, d_v, None
+
+
+_grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)
+
+
 def _attention(q_BxTxHxHd: Array, k_BxSxKxHd: Array, v_BxSxKxHd: Array, mask_BxTxS: Array) -> Array:
+    """Grouped-query attention over the masked [T, S] square (with the memory-lean gradient above)."""
     b, t, h, hd = q_BxTxHxHd.shape
     kv = k_BxSxKxHd.shape[2]
     q_BxTxKxGxHd = q_BxTxHxHd.reshape(b, t, kv, h // kv, hd)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxHd, k_BxSxKxHd, preferred_element_type=jnp.float32)
-    logits = logits * (hd ** -0.5)
-    # A large finite negative rather than -inf: a fully masked row (left padding) stays finite.
-    logits = jnp.where(mask_BxTxS[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxHd.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxHd)
+    out = _grouped_attention(q_BxTxKxGxHd, k_BxSxKxHd, v_BxSxKxHd, mask_BxTxS)
     return out.reshape(b, t, h * hd)
 
 
@@ -250,8 +306,10 @@ def apply_model(
     h, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_hidden_layers)
 
-    def block(x_BxTxD, layer):
-        w, layer_deltas, window, rng, cache_kv = layer
+    def block(carry, layer):
+        x_BxTxD, cache_kv = carry
+        w, layer_deltas, window, rng, layer_index = layer
+        x_BxTxD = _constrain(x_BxTxD, ("batch", None, None))
         distance_TxS = slots_T[:, None] - key_slots_S[None, :]
         in_window_TxS = (window == 0) | (distance_TxS < window)
         mask_BxTxS = base_mask_BxTxS & in_window_TxS[None]
@@ -262,13 +320,15 @@ def apply_model(
         v = _project("v_proj", y, w, layer_deltas, dropout, rng).reshape(b, t, kv, hd)
         q, k = _rope(q, positions_BxT, inv_freq), _rope(k, positions_BxT, inv_freq)
         if cache_kv is not None:
-            k_all, v_all = cache_kv
-            k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), cache_index, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), cache_index, axis=1)
-            new_kv = (k_all, v_all)
-            k, v = k_all.astype(dtype), v_all.astype(dtype)
-        else:
-            new_kv = None
+            # The whole [L, B, S, K, Hd] cache is the scan's carry, written in place at this layer's
+            # slots; passing per-layer slices as xs/ys instead copies the full cache several times a step.
+            k_cache, v_cache = cache_kv
+            start = (layer_index, 0, cache_index, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], start)
+            cache_kv = (k_cache, v_cache)
+            k = jax.lax.dynamic_index_in_dim(k_cache, layer_index, 0, keepdims=False).astype(dtype)
+            v = jax.lax.dynamic_index_in_dim(v_cache, layer_index, 0, keepdims=False).astype(dtype)
         attn_BxTxHHd = _attention(q, k, v, mask_BxTxS)
         x_BxTxD = x_BxTxD + _project("o_proj", attn_BxTxHHd, w, layer_deltas, dropout, rng)
 
@@ -276,14 +336,16 @@ def apply_model(
         gate = act(_project("gate_proj", y, w, layer_deltas, dropout, rng))
         up = _project("up_proj", y, w, layer_deltas, dropout, rng)
         x_BxTxD = x_BxTxD + _project("down_proj", gate * up, w, layer_deltas, dropout, rng)
-        return x_BxTxD, new_kv
+        return (x_BxTxD, cache_kv), None
 
     if remat:
         block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
-    cache_xs = None if cache is None else (cache.k_LxBxSxKxHd, cache.v_LxBxSxKxHd)
+    cache_kv = None if cache is None else (cache.k_LxBxSxKxHd, cache.v_LxBxSxKxHd)
+    layer_ids_L = jnp.arange(cfg.num_hidden_layers)
     with jax.named_scope("layers"):
-        x_BxTxD, new_kv = jax.lax.scan(block, x_BxTxD, (weights.layers, deltas, windows_L, layer_rngs, cache_xs))
-    x_BxTxD = _rms_norm(x_BxTxD, weights.final_norm_D, cfg.rms_norm_eps)
+        (x_BxTxD, new_kv), _ = jax.lax.scan(block, (x_BxTxD, cache_kv),
+                                            (weights.layers, deltas, windows_L, layer_rngs, layer_ids_L))
+    x_BxTxD = _constrain(_rms_norm(x_BxTxD, weights.final_norm_D, cfg.rms_norm_eps), ("batch", None, None))
     new_cache = None if cache is None else KVCache(*new_kv)
     if return_hidden:
         return x_BxTxD, new_cache
@@ -293,10 +355,12 @@ def apply_model(
 def lm_logits(weights: Weights, x_BxTxD: Array) -> Array:
     """Float32 logits from final hidden states, through the tied embeddings or the lm head."""
     if weights.lm_head_DxV is None:
-        return jnp.einsum("btd,vd->btv", x_BxTxD, weights.embed_VxD.astype(x_BxTxD.dtype),
-                          preferred_element_type=jnp.float32)
-    return jnp.einsum("btd,dv->btv", x_BxTxD, weights.lm_head_DxV.astype(x_BxTxD.dtype),
-                      preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btd,vd->btv", x_BxTxD, weights.embed_VxD.astype(x_BxTxD.dtype),
+                            preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("btd,dv->btv", x_BxTxD, weights.lm_head_DxV.astype(x_BxTxD.dtype),
+                            preferred_element_type=jnp.float32)
+    return _constrain(logits, ("batch", None, "vocab"))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> KVCache:

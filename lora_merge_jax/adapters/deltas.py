@@ -21,6 +21,13 @@ def _dropout(x: Array, rate: float, rng: Array | None) -> Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def _tokens_first(x_BxTxD: Array) -> Array:
+    """[B, T, D] -> [B*T, D] (free: a bitcast). XLA's CPU backend turns the weight gradient of a product with
+    two contracted token axes (b, t) into a transposed copy of the activations, four times slower than the
+    same product over one token axis; so the low-rank products run on the flattened tokens."""
+    return x_BxTxD.reshape(-1, x_BxTxD.shape[-1])
+
+
 @struct.dataclass
 class LowRankDelta:
     """x -> ((x @ a) * gain) @ b: a LoRA, or K merged LoRAs concatenated along the rank axis.
@@ -35,9 +42,11 @@ class LowRankDelta:
     def apply(self, x_BxTxD: Array, rate: float = 0.0, rng: Array | None = None) -> Array:
         x_BxTxD = _dropout(x_BxTxD, rate, rng)
         dtype = x_BxTxD.dtype
-        h_BxTxR = jnp.einsum("btd,dr->btr", x_BxTxD, self.a_DxR.astype(dtype))
-        h_BxTxR = h_BxTxR * self.gain_R.astype(dtype)
-        return jnp.einsum("btr,rf->btf", h_BxTxR, self.b_RxF.astype(dtype))
+        x_NxD = _tokens_first(x_BxTxD)
+        h_NxR = jnp.einsum("nd,dr->nr", x_NxD, self.a_DxR.astype(dtype))
+        h_NxR = h_NxR * self.gain_R.astype(dtype)
+        y_NxF = jnp.einsum("nr,rf->nf", h_NxR, self.b_RxF.astype(dtype))
+        return y_NxF.reshape(*x_BxTxD.shape[:-1], -1)
 
     def weight(self) -> Array:
         """delta-W [D, F] (or [L, D, F] when stacked) in float32."""
@@ -56,12 +65,11 @@ class BlockDelta:
         x_BxTxD = _dropout(x_BxTxD, rate, rng)
         dtype = x_BxTxD.dtype
         n, dn, _ = self.a_NxDnxR.shape
-        b, t, _ = x_BxTxD.shape
-        x_BxTxNxDn = x_BxTxD.reshape(b, t, n, dn)
-        h_BxTxNxR = jnp.einsum("btnd,ndr->btnr", x_BxTxNxDn, self.a_NxDnxR.astype(dtype))
-        h_BxTxNxR = h_BxTxNxR * self.gain_NxR.astype(dtype)
-        y_BxTxNxFn = jnp.einsum("btnr,nrf->btnf", h_BxTxNxR, self.b_NxRxFn.astype(dtype))
-        return y_BxTxNxFn.reshape(b, t, -1)
+        x_MxNxDn = _tokens_first(x_BxTxD).reshape(-1, n, dn)  # M = B*T tokens
+        h_MxNxR = jnp.einsum("mnd,ndr->mnr", x_MxNxDn, self.a_NxDnxR.astype(dtype))
+        h_MxNxR = h_MxNxR * self.gain_NxR.astype(dtype)
+        y_MxNxFn = jnp.einsum("mnr,nrf->mnf", h_MxNxR, self.b_NxRxFn.astype(dtype))
+        return y_MxNxFn.reshape(*x_BxTxD.shape[:-1], -1)
 
     def weight(self) -> Array:
         """Block-diagonal delta-W [D, F] (or [L, D, F] when stacked) in float32."""

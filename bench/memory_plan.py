@@ -1,0 +1,226 @@
+"""Memory plan of the adaptive-merge train step at Llama-3-8B size, compiled ahead of time without weights.
+
+Nothing of model size is allocated: the base weights are ``model.abstract(cfg, bfloat16, mesh)``
+(``ShapeDtypeStruct``s with their shardings), the merged adapter (K=8 task LoRAs of rank 16 on all seven
+projections, float32) and the whole train state (AdamW moments, masks, pruning statistics) come from
+``jax.eval_shape``, and the step (with the default pruning hook) is compiled with
+``jax.jit(step, in_shardings=..., out_shardings=..., donate_argnums=0).lower(...).compile()`` on fake CPU
+devices (64 of them, made here before jax starts). For each mesh shape, with and without remat, it prints
+the compiled memory analysis per device and checks that no buffer of a base weight's size exists besides
+the weights: the temporaries are compared with the per-device weights, and the optimized HLO is searched
+for any non-parameter instruction whose shape is a whole stacked base weight (or its per-device shard) --
+a gradient or an optimizer moment of a frozen weight, or an all-gather of every layer at once, would show
+up there. (Each scan step does slice and all-gather *one* layer's weights; those are expected.)
+
+The numbers are XLA:CPU's buffer assignment for the same partitioned program; a TPU or GPU compiler
+schedules and fuses differently, so read them as an estimate (typically within tens of percent), not a
+guarantee.
+
+    python bench/memory_plan.py --out memory_plan.json
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=64").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import transformers  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+import lora_merge_jax as lmj  # noqa: E402
+from lora_merge_jax import model as model_lib  # noqa: E402
+from lora_merge_jax import sharding  # noqa: E402
+from lora_merge_jax.merge import pruning  # noqa: E402
+from lora_merge_jax.model_config import PROJECTIONS, ModelConfig, from_hf_config  # noqa: E402
+from lora_merge_jax.optim import OptimConfig, make_optimizer  # noqa: E402
+from lora_merge_jax.train_step import init_state, make_train_step, state_shardings  # noqa: E402
+
+GIB = 2 ** 30
+# (data, fsdp, tensor)
+MESHES = [(8, 1, 1), (1, 8, 1), (1, 4, 2), (1, 64, 1), (8, 8, 1), (1, 32, 2)]
+SKIP_OPS = {"parameter", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional", "constant"}
+
+
+def llama3_8b() -> ModelConfig:
+    """Llama-3-8B's architecture, from a transformers config with its published dimensions (no download)."""
+    hf = transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+    )
+    return from_hf_config(hf, source="Llama-3-8B dimensions")
+
+
+def per_device_bytes(tree) -> int:
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def weight_shapes(weights: model_lib.Weights) -> set[tuple[int, ...]]:
+    """Whole and per-device shapes of every stacked base weight and of the embedding / LM head."""
+    shapes = set()
+    for x in jax.tree.leaves(weights):
+        if x.ndim >= 2 and math.prod(x.shape) >= 2 ** 20:
+            shapes.add(tuple(x.shape))
+            shapes.add(tuple(x.sharding.shard_shape(x.shape)))
+    return shapes
+
+
+def hlo_buffers(text: str) -> list[tuple[int, str, str, tuple[int, ...], str]]:
+    """(bytes, opcode, name, dims, dtype) of every array-valued instruction of the optimized HLO that owns a
+    buffer: instructions inside fused computations (which share their fusion's buffer) are left out."""
+    sizes = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
+    fused = set(re.findall(r"calls=%?([\w.\-]+)", text))
+    out, inside_fused = [], False
+    header = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+    pattern = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]\S* ([\w\-]+)\(")
+    for line in text.splitlines():
+        h = header.match(line)
+        if h and not line.startswith(" "):
+            inside_fused = h.group(1) in fused and not line.startswith("ENTRY")
+            continue
+        m = pattern.match(line)
+        if m and not inside_fused and m.group(2) in sizes:
+            dims = tuple(int(d) for d in m.group(3).split(",") if d)
+            out.append((math.prod(dims) * sizes[m.group(2)], m.group(4), m.group(1), dims, m.group(2)))
+    return out
+
+
+def is_cpu_upcast(op: str, name: str, dtype: str) -> bool:
+    """XLA:CPU has no bfloat16 matmul: it converts bfloat16 weights to float32 (and hoists the conversion of
+    a whole stacked weight out of the layer loop). A TPU or GPU multiplies in bfloat16 and has no such copy."""
+    return dtype == "f32" and ("convert" in op or "convert" in name)
+
+
+def plan_one(cfg: ModelConfig, mesh_shape: tuple[int, int, int], remat: bool, args: argparse.Namespace) -> dict:
+    data, fsdp, tensor = mesh_shape
+    devices = jax.devices()[: data * fsdp * tensor]
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=data, fsdp=fsdp, tensor=tensor), devices)
+    batch = args.per_device_batch * data * fsdp
+    weights = model_lib.abstract(cfg, jnp.bfloat16, mesh)
+    model_lib.shardings(cfg, mesh)  # raises, naming the weight, when the mesh does not divide it
+
+    def build_adapter():
+        loras = [lmj.init_lora(cfg, jax.random.key(i), rank=args.rank, alpha=2.0 * args.rank,
+                               target_modules=PROJECTIONS) for i in range(args.tasks)]
+        return lmj.merge_for_training(loras, granularity="task")
+
+    adapter = jax.eval_shape(build_adapter)
+    prune_cfg = pruning.PruneConfig()
+    extra = jax.eval_shape(lambda a: pruning.init_statistics(prune_cfg, a), adapter)
+    tx = make_optimizer(OptimConfig(learning_rate=2e-4), 1000)
+    state = jax.eval_shape(lambda a, e: init_state(a, tx, seed=0, extra=e), adapter, extra)
+    state_sh = state_shardings(state, cfg, mesh)
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, state_sh)
+    batch_sh = sharding.named_sharding(mesh, (None, "batch", None))
+    ids = jax.ShapeDtypeStruct((1, batch, args.seq), jnp.int32, sharding=batch_sh)
+    batch_tree = {"input_ids": ids, "attention_mask": ids, "target_mask": ids}
+    step = make_train_step(cfg, tx, compute_dtype=jnp.bfloat16, remat=remat,
+                           post_update=pruning.make_post_update(prune_cfg, 1000, cfg.num_hidden_layers))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(step, in_shardings=(state_sh, jax.tree.map(lambda w: w.sharding, weights), batch_sh),
+                     out_shardings=(state_sh, replicated), donate_argnums=(0,))
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):  # lets the model pin its activations' shardings (model._constrain)
+        compiled = jitted.lower(state, weights, batch_tree).compile()
+    compile_s = time.perf_counter() - start
+
+    mem = compiled.memory_analysis()
+    weight_bytes = per_device_bytes(weights)
+    state_bytes = per_device_bytes(state)
+    layer_bytes = weight_bytes / cfg.num_hidden_layers  # about one layer's share (embeddings spread over layers)
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    buffers = [b for b in hlo_buffers(compiled.as_text()) if b[1] not in SKIP_OPS]
+    shapes = weight_shapes(weights)
+    stacked = [b for b in buffers if b[3] in shapes and b[3][0] == cfg.num_hidden_layers]
+    upcasts = [b for b in stacked if is_cpu_upcast(b[1], b[2], b[4])]
+    weight_shaped = [b for b in stacked if b not in upcasts]
+    upcast_bytes = sum(b[0] for b in upcasts)
+    largest = sorted(buffers, reverse=True)[:4]
+    return {
+        "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor}, "remat": remat, "global_batch": batch,
+        "seq": args.seq, "compile_s": compile_s,
+        "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+        "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes, "total_bytes": total,
+        "weights_per_device_bytes": weight_bytes, "state_per_device_bytes": state_bytes,
+        "temp_over_weights": mem.temp_size_in_bytes / weight_bytes,
+        "temp_over_one_layer": mem.temp_size_in_bytes / layer_bytes,
+        "stacked_weight_shaped_buffers": [f"{t}{list(d)} {op} {name}" for _, op, name, d, t in weight_shaped],
+        "cpu_upcast_weight_copies": [f"{t}{list(d)} {op} {name}" for _, op, name, d, t in upcasts],
+        "cpu_upcast_bytes": upcast_bytes, "total_without_cpu_upcasts_bytes": total - upcast_bytes,
+        "largest_buffers": [f"{op} {t}{list(d)} {size / GIB:.2f} GiB" for size, op, _, d, t in largest],
+        "fits_16GiB": total - upcast_bytes <= 16 * GIB, "fits_80GiB": total - upcast_bytes <= 80 * GIB,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--meshes", nargs="+", default=[f"{d}x{f}x{t}" for d, f, t in MESHES],
+                        help="data x fsdp x tensor shapes, e.g. 1x8x1 (8 devices) or 8x8x1 (64)")
+    parser.add_argument("--remat", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--per-device-batch", type=int, default=1,
+                        help="sequences per batch shard: global batch = this x data x fsdp")
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+
+    cfg = llama3_8b()
+    rows = []
+    for text in args.meshes:
+        mesh_shape = tuple(int(v) for v in text.split("x"))
+        for remat in args.remat:
+            rows.append(plan_one(cfg, mesh_shape, remat == "on", args))
+            r = rows[-1]
+            print(f"  compiled data={mesh_shape[0]} fsdp={mesh_shape[1]} tensor={mesh_shape[2]} remat={remat} "
+                  f"in {r['compile_s']:.0f} s", file=sys.stderr, flush=True)
+
+    print(f"Llama-3-8B shapes ({cfg.num_params() / 1e9:.2f}B parameters, bfloat16 base), adaptive merge K={args.tasks} "
+          f"r={args.rank} on all 7 projections (float32 adapter, AdamW, pruning statistics), sequence {args.seq}, "
+          f"{args.per_device_batch} sequence(s) per batch shard; XLA:CPU memory analysis per device, GiB")
+    print(f"{'devices':>7s} {'data':>4s} {'fsdp':>4s} {'tp':>3s} {'remat':>5s} {'batch':>5s} {'weights':>8s} "
+          f"{'state':>6s} {'argument':>8s} {'output':>7s} {'temp':>7s} {'total':>7s} {'-upcast':>7s} "
+          f"{'w-shaped':>8s} {'16GiB':>5s} {'80GiB':>5s}")
+    for r in rows:
+        m = r["mesh"]
+        print(f"{m['data'] * m['fsdp'] * m['tensor']:7d} {m['data']:4d} {m['fsdp']:4d} {m['tensor']:3d} "
+              f"{'on' if r['remat'] else 'off':>5s} {r['global_batch']:5d} {r['weights_per_device_bytes'] / GIB:8.2f} "
+              f"{r['state_per_device_bytes'] / GIB:6.2f} {r['argument_bytes'] / GIB:8.2f} {r['output_bytes'] / GIB:7.2f} "
+              f"{r['temp_bytes'] / GIB:7.2f} {r['total_bytes'] / GIB:7.2f} "
+              f"{r['total_without_cpu_upcasts_bytes'] / GIB:7.2f} "
+              f"{len(r['stacked_weight_shaped_buffers']):8d} {'yes' if r['fits_16GiB'] else 'no':>5s} "
+              f"{'yes' if r['fits_80GiB'] else 'no':>5s}")
+    print("total = argument + output - aliased (the donated state) + temp. -upcast: total less XLA:CPU's float32 "
+          "copies of the bfloat16 stacked weights (CPU has no bfloat16 matmul; TPU/GPU do not make them); the fit "
+          "columns use it. w-shaped: other non-parameter buffers shaped like a whole stacked base weight or its "
+          "per-device shard -- a gradient or optimizer moment of a frozen weight would be one; 0 means none exists.")
+    for r in rows:
+        m = r["mesh"]
+        print(f"  data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']} remat={'on' if r['remat'] else 'off'}: "
+              f"largest temporaries {'; '.join(r['largest_buffers'])}")
+    if args.out:
+        report = {"settings": vars(args), "model": {"params": cfg.num_params(), "layers": cfg.num_hidden_layers,
+                                                    "hidden": cfg.hidden_size, "ffw": cfg.intermediate_size,
+                                                    "vocab": cfg.vocab_size},
+                  "rows": rows, "jax": jax.__version__,
+                  "note": "XLA:CPU buffer assignment of the partitioned program: an estimate for TPU/GPU"}
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""bench/paper_table.py end to end at smoke size (tokenizer, pretraining, sources, methods, report), and resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import SHARED_DATA
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from paper_table_report import SECTION, replace_section  # noqa: E402
+
+
+def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+               XLA_FLAGS="--xla_backend_optimization_level=0")  # one CPU device; fast compiles
+    cmd = [sys.executable, str(REPO / "bench" / "paper_table.py"), "--size", "smoke", "--out-dir", str(out),
+           "--data-dir", str(Path(SHARED_DATA).resolve()), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_smoke_pipeline_then_rerun_skips_everything(tmp_path):
+    done = _run(tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    base = json.loads((tmp_path / "base" / "DONE.json").read_text())
+    assert base["vocab_size"] == 512 and base["final_loss"] > 0
+    assert (tmp_path / "base" / "model" / "config.json").exists()
+    assert (tmp_path / "base" / "model" / "tokenizer.json").exists()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["meta"]["units_done"] == results["meta"]["units_planned"] == 4
+    rows = results["summary"]["xscitldr_ja"]
+    assert set(rows) == {"base", "static_ties [lora]", "lorahub [lora]", "merge_prune [lora]"}
+    for row in rows.values():
+        cell = row["8"]
+        assert cell["reference_loss"]["n"] == 1 and cell["reference_loss"]["mean"] > 0
+        assert 0 <= cell["rougeL"]["mean"] <= 100
+    pruned = next(u for u in results["units"] if u["method"] == "merge_prune")
+    assert 0 < pruned["sparsity"] < 1  # pruning ran
+    lorahub = next(u for u in results["units"] if u["method"] == "lorahub")
+    assert len(lorahub["lorahub_weights"]) == 2  # two source LoRAs in the smoke grid
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert SECTION in report and "| merge_prune [lora] |" in report and "Reading" in report
+    assert (tmp_path / "paper_table.png").stat().st_size > 0
+
+    again = _run(tmp_path)  # resumable: every unit and the base model are skipped
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[base] done already" in again.stdout and "4 units, 4 done already" in again.stdout
+    assert "[source]" not in again.stdout
+    other = _run(tmp_path, "--target-steps", "5")  # finished units of another budget are never mixed in
+    assert other.returncode != 0 and "target_steps differ" in other.stderr
+
+
+def test_replace_section_keeps_other_sections():
+    doc = "# Benchmark results\n\n## Performance (issue 7)\n\nfast\n\n" + SECTION + "\n\nold\n\n## Later\n\nkeep\n"
+    new = replace_section(doc, "new table")
+    assert "old" not in new and "new table" in new
+    assert new.index("## Performance (issue 7)") < new.index(SECTION) < new.index("## Later")
+    assert "fast" in new and "keep" in new
+    assert replace_section("", "x").startswith("# Benchmark results\n\n" + SECTION)
+    appended = replace_section("# R\n\n## Performance (issue 7)\n\nfast\n", "x")
+    assert appended.endswith(SECTION + "\n\nx\n") and "fast" in appended
