@@ -6,8 +6,8 @@ and saved; both implementations load the same checkpoint. Ours: ``lmj.load_pretr
 the default pruning hook), ``train_step.make_train_step`` + ``jit_train_step`` with ``optim.make_optimizer``
 (AdamW, clip 1.0). Theirs: ``peft.get_peft_model`` with the same rank, alpha, targets, batch and length,
 ``torch.optim.AdamW`` and ``clip_grad_norm_(1.0)``. Each variant is compiled / warmed up first; then the
-variants take turns for several rounds (so that load from other jobs hits all of them alike) and each
-step is timed to ``block_until_ready`` (ours) or the end of ``optimizer.step()`` (PyTorch). Medians.
+variants take one step each in turn (so that load from other jobs hits all of them alike), each step timed
+to ``block_until_ready`` (ours) or the end of ``optimizer.step()`` (PyTorch). Medians.
 
 Also measured in the same run: this machine's float32 matmul rate (a jitted 2048x2048 ``jnp.dot``), and the
 fraction of it our step reaches (model FLOP utilisation) with, per token,
@@ -23,7 +23,7 @@ implementations compute it whole), 4 L T H Hd forward and twice that backward; P
     python bench/train_bench.py --out train_bench.json
 
 Threads: XLA's CPU backend uses one intra-op thread per core it may run on; PyTorch is set to the same
-number. ``--threads 1`` runs both single-threaded (XLA through ``XLA_FLAGS``). ``OMP_WAIT_POLICY`` is set to
+number. ``--threads 1`` pins the process to one core, so both run single-threaded. ``OMP_WAIT_POLICY`` is set to
 ``PASSIVE`` unless already set: on a machine shared with other jobs, spinning OpenMP threads slow PyTorch
 down several times.
 """
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _threads_from_argv() -> int:
-    """``--threads`` read before jax and torch start (XLA reads its thread flags once, at start-up)."""
+    """``--threads``, read before jax and torch start: XLA sizes its thread pools once, at start-up."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     return pre.parse_known_args()[0].threads
@@ -52,8 +52,9 @@ def _threads_from_argv() -> int:
 
 THREADS = _threads_from_argv()
 if THREADS < len(os.sched_getaffinity(0)):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                               f"intra_op_parallelism_threads={THREADS}").strip()
+    # XLA's CPU thread pools ignore the old thread flags but size themselves by the cores this process may
+    # use, so fewer threads means pinning the whole process (PyTorch too) to that many cores.
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:THREADS])
 # GNU OpenMP's default spin-waiting makes PyTorch several times slower when other jobs share the cores
 # (measured here: 2.0 s -> 0.7 s per 5M step); passive waiting is PyTorch's best setting on a shared machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -124,7 +125,8 @@ def task_loras(cfg: ModelConfig, k: int, rank: int) -> list[lmj.LoraAdapter]:
     for i in range(k):
         lora = lmj.init_lora(cfg, jax.random.key(100 + i), rank=rank, alpha=2.0 * rank, target_modules=PROJECTIONS)
         keys = jax.random.split(jax.random.key(200 + i), len(lora.b))
-        out.append(lora.replace(b={n: 0.01 * jax.random.normal(kk, b.shape) for kk, (n, b) in zip(keys, lora.b.items())}))
+        trained_b = {name: 0.01 * jax.random.normal(key, b.shape) for key, (name, b) in zip(keys, lora.b.items())}
+        out.append(lora.replace(b=trained_b))
     return out
 
 
@@ -214,10 +216,12 @@ def run_config(name: str, args: argparse.Namespace, tmp: Path) -> dict:
         fn, p = peft_step(path, args.rank, batch)
         runners["PEFT LoRA (PyTorch)"], info["PEFT LoRA (PyTorch)"] = fn, {"adapter_params": p, "ours": False}
 
+    # One step of each variant in turn, so that load from other jobs, which changes by the minute, reaches all
+    # of them alike.
     times = {label: [] for label in runners}
-    for _ in range(args.rounds):
+    for _ in range(args.rounds * args.steps):
         for label, fn in runners.items():
-            times[label] += [fn() for _ in range(args.steps)]
+            times[label].append(fn())
 
     tokens = args.batch * seq
     rows = {}
@@ -243,10 +247,10 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, nargs="+", default=[4, 8], help="K values of the merge")
     parser.add_argument("--merge-variants", nargs="+", default=["merge", "merge+prune"],
                         choices=["merge", "merge+prune"], help="merge step without / with the pruning hook")
-    parser.add_argument("--rounds", type=int, default=3, help="turns taken by the variants")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=3, help="timed steps per variant = rounds x steps")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant = rounds x steps")
     parser.add_argument("--threads", type=int, default=THREADS,
-                        help="threads of both XLA and PyTorch (default: the cores available to this process)")
+                        help="cores (threads) of both XLA and PyTorch (default: all available to this process)")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
@@ -262,7 +266,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     print(f"train step, float32, batch {args.batch}, LoRA rank {args.rank} on all 7 projections; jax "
           f"{jax.__version__} on {jax.default_backend()} ({cores} cores), torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads; median of {args.rounds}x{args.steps} steps; float32 matmul "
+          f"{torch.get_num_threads()} threads; median of {args.rounds * args.steps} steps; float32 matmul "
           f"2048^2: jax {jax_gflops:.0f}/{jax_gflops_after:.0f} GFLOP/s (start/end), torch "
           f"{torch_gflops:.0f}/{torch_gflops_after:.0f}; load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     header = (f"{'config':6s} {'T':>4s} {'variant':24s} {'adapter P':>10s} {'step ms':>9s} {'tokens/s':>9s} "
@@ -277,7 +281,8 @@ def main() -> None:
             compile_s = f"{row['compile_s']:.1f}" if "compile_s" in row else ""
             print(f"{res['config']:6s} {res['seq']:4d} {label:24s} {row['adapter_params']:10d} "
                   f"{1e3 * row['median_step_s']:9.1f} {row['tokens_per_s']:9.0f} {over:>7s} "
-                  f"{row['time_over_lora']:7.2f} {row['gflops_per_s']:8.1f} {100 * row['fraction_of_matmul_peak']:5.1f}% "
+                  f"{row['time_over_lora']:7.2f} {row['gflops_per_s']:8.1f} "
+                  f"{100 * row['fraction_of_matmul_peak']:5.1f}% "
                   f"{compile_s:>9s}")
     print("x PEFT: tokens/s over PEFT's; / LoRA: step time over our single-LoRA step (the merge overhead); "
           "MFU: (4N + 12 L T H Hd + 6P) per token over the jax matmul rate")

@@ -122,8 +122,9 @@ def reference_loss(model: Model, adapter: Any, cfg: DataConfig, batch_size: int 
         chunk = examples[start:start + batch_size]
         length = batching.bucket_length(max(len(e.input_ids) for e in chunk), cfg.length_buckets, cfg.max_length)
         b = batching.pad_batch([e.input_ids for e in chunk], length, pad, masks=[e.target_mask for e in chunk])
-        t, c = sums(model.weights, adapter, jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]),
-                    jnp.asarray(b["target_mask"]))
+        with jax.set_mesh(model.mesh):  # traced with the mesh set: the model pins activations to the batch axes
+            t, c = sums(model.weights, adapter, jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]),
+                        jnp.asarray(b["target_mask"]))
         total, count = total + float(t), count + float(c)
     return total / max(count, 1.0)
 

@@ -398,10 +398,11 @@ def generate_detailed(model: Any, prompts: Sequence[Sequence[int]], adapter: Any
     ids_BxP, mask_BxP, active_B = (jax.device_put(x, shard if x.ndim == 2 else sharding.batch_sharding(
         model.mesh, batch, ndim=1)) for x in (ids_BxP, mask_BxP, active_B))
     rows = batch * (num_beams if method == "beam" else 1)
-    tokens_BxN, lengths_B, logits_BxNxV = _generate_jit(
-        model.config, settings, params, model.compute_dtype,
-        (_cache_sharding(model, batch), _cache_sharding(model, rows)), model.weights, adapter,
-        ids_BxP, mask_BxP, active_B, jax.random.key(seed))
+    with jax.set_mesh(model.mesh):  # traced with the mesh set: the model pins activations to the batch axes
+        tokens_BxN, lengths_B, logits_BxNxV = _generate_jit(
+            model.config, settings, params, model.compute_dtype,
+            (_cache_sharding(model, batch), _cache_sharding(model, rows)), model.weights, adapter,
+            ids_BxP, mask_BxP, active_B, jax.random.key(seed))
 
     tokens_BxN, lengths_B = np.asarray(tokens_BxN), np.asarray(lengths_B)
     logits_BxNxV = None if logits_BxNxV is None else np.asarray(logits_BxNxV)

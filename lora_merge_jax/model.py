@@ -228,8 +228,10 @@ def _grouped_attention_bwd(residuals, d_out):
     logits = _masked_logits(q, k, mask_BxTxS)
     probs = jnp.exp(logits - max_BxKxGxT[..., None]) / sum_BxKxGxT[..., None]
     d_probs = jnp.einsum("btkgh,bskh->bkgts", d_out, v, preferred_element_type=jnp.float32)
-    # The softmax's vector-Jacobian product, written as jax.nn.softmax's own so that it rounds alike.
-    d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True)) * q.shape[-1] ** -0.5
+    # The softmax's vector-Jacobian product in the order autodiff of jax.nn.softmax computes it, so that the
+    # two round alike.
+    weighted = probs * d_probs
+    d_logits = (weighted - probs * jnp.sum(weighted, axis=-1, keepdims=True)) * q.shape[-1] ** -0.5
     # Masked entries get no gradient (as through jnp.where), which matters for fully masked rows.
     d_logits = jnp.where(mask_BxTxS[:, None, None], d_logits, 0.0).astype(q.dtype)
     d_q = jnp.einsum("bkgts,bskh->btkgh", d_logits, k)

@@ -168,8 +168,15 @@ def jit_train_step(step: Callable, state: TrainState, weights: model_lib.Weights
     if batch_size % sharding.mesh_axis_size(mesh, "batch"):
         batch_axes = NamedSharding(mesh, PartitionSpec())
     replicated = NamedSharding(mesh, PartitionSpec())
+
+    def step_on_mesh(state, weights, batch):
+        # Traced with the mesh set, so that the model pins its activations to the batch axes
+        # (model._constrain); without it XLA gathered the logits of the whole global batch onto every device.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(state, weights, batch)
+
     jitted = jax.jit(
-        step,
+        step_on_mesh,
         in_shardings=(state_sh, weight_sh, batch_axes),
         out_shardings=(state_sh, replicated),
         donate_argnums=(0,),

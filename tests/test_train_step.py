@@ -146,5 +146,30 @@ def test_remat_changes_memory_not_results(tiny_dir):
             state, metrics = step(state, batch)
         outs.append((leaves(state.trainable), float(metrics["loss"])))
     assert abs(outs[0][1] - outs[1][1]) < 1e-6
+    # Recomputed activations may be partitioned and fused differently (float32 rounding, ~1e-7 relative); Adam
+    # divides by sqrt(v), which scales a rounding difference in a small gradient up towards lr = 1e-2.
     for a, b in zip(outs[0][0], outs[1][0]):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_fsdp_step_keeps_logits_sharded_by_batch():
+    """On an fsdp mesh the step gathers the LM head weight, never the logits of the whole global batch.
+
+    Compiled ahead of time from abstract inputs; XLA's buffer assignment is the reference. Each device's
+    share of the float32 logits is 1/8 of the global [B, T, V]; a partitioner left free gathered them all.
+    """
+    from lora_merge_jax import model as model_lib
+    from lora_merge_jax.model_config import from_hf_config
+
+    cfg = from_hf_config(tiny.tiny_hf_config(vocab_size=8192, layers=1))
+    mesh = make_mesh(MeshConfig(fsdp=8))
+    weights = model_lib.abstract(cfg, jnp.float32, mesh)
+    adapter = jax.eval_shape(lambda: lmj.init_lora(cfg, jax.random.key(0), rank=4, target_modules=TARGETS))
+    tx = make_optimizer(OptimConfig(learning_rate=1e-3), 10)
+    state = jax.eval_shape(lambda a: init_state(a, tx, seed=0), adapter)
+    step = jit_train_step(make_train_step(cfg, tx), state, weights, cfg, mesh, 8)
+    ids = jax.ShapeDtypeStruct((1, 8, 64), jnp.int32)
+    compiled = step.jitted.lower(state, weights, {"input_ids": ids, "attention_mask": ids, "target_mask": ids})
+    temp_bytes = compiled.compile().memory_analysis().temp_size_in_bytes
+    global_logits_bytes = 8 * 64 * cfg.vocab_size * 4
+    assert temp_bytes < global_logits_bytes / 2, (temp_bytes, global_logits_bytes)
