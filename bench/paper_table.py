@@ -8,6 +8,8 @@ and is skipped on a rerun; an interrupted unit is redone from scratch):
         --methods base static_exact static_ties lora lorahub coef_only merge_noprune merge_prune \
         merge_prune_magnitude        # the reduced grid of bench/RESULTS.md: about an hour on 2 busy CPU cores
     python bench/paper_table.py --size smoke --out-dir /tmp/pt   # the whole pipeline in a minute (the test)
+    python bench/paper_table.py --size cpu --report-only --targets xscitldr_ja mts_dialog   # report a grid
+        # that several narrower invocations ran in parts, running nothing
 
 ``--size`` picks the model and budgets (``smoke``, ``cpu``: hidden 128, 4 layers, 200 pretraining steps;
 ``gpu``: hidden 512, 8 layers, 4,000 steps); ``--seeds``, ``--ns``, ``--targets``, ``--settings``,
@@ -502,6 +504,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--publish", action=argparse.BooleanOptionalAction, default=None,
                     help="write bench/RESULTS.md's section and bench/paper_table.png (default: not for smoke)")
     ap.add_argument("--only-base", action="store_true", help="stop after the tokenizer and base model")
+    ap.add_argument("--report-only", action="store_true", help="run nothing: write the report from the units "
+                    "of this grid already finished (to publish a grid that several invocations ran in parts)")
     ap.add_argument("--note", action="append", default=[], help="a line for the report (e.g. why the grid "
                     "was reduced); repeatable")
     return ap.parse_args(argv)
@@ -537,19 +541,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     t_start = time.perf_counter()
     log(f"paper table, size {args.size}: {preset}")
-    base = build_base(preset, data_dir, out, log)
-    if args.only_base:
-        return {}
     from paper_table_report import publish, write_report
 
     methods = preset.methods or ALL_METHODS
+    units = plan_units(preset.targets, preset.settings, methods, preset.ns, preset.seeds)
+    publish_to_bench = args.publish if args.publish is not None else args.size != "smoke"
+    if args.report_only:
+        summary = write_report(out, preset, args.size, machine(), units, 0.0, args.note)
+        publish(out, REPO / "bench" if publish_to_bench else out, log)
+        log(f"report of {summary['meta']['units_done']} of {len(units)} planned units: {out / 'results.json'}")
+        return summary
+    base = build_base(preset, data_dir, out, log)
+    if args.only_base:
+        return {}
     sources = {t: s[:2] if args.size == "smoke" else s for t, (_, s) in TARGETS.items()}  # smoke: 2 sources
     study = Study(preset, base, data_dir, out, sources, log)
-    units = plan_units(preset.targets, preset.settings, methods, preset.ns, preset.seeds)
     done = sum((u.directory(out) / "result.json").exists() for u in units)
     log(f"{len(units)} units, {done} done already")
     spent: list[float] = []
-    publish_to_bench = args.publish if args.publish is not None else args.size != "smoke"
     for i, unit in enumerate(units, 1):
         if (unit.directory(out) / "result.json").exists():
             continue

@@ -263,6 +263,12 @@ def build_eval_examples(cfg: DataConfig, tokenizer: Any) -> tuple[list[EvalExamp
 # --------------------------------------------------------------------------------------------- batching
 
 
+def max_target_tokens(examples: Sequence[TokenizedExample]) -> int:
+    """The most target tokens (summary and end tokens) of any example: a bound for
+    ``train_step.make_train_step(max_target_tokens=...)``."""
+    return max((int(e.target_mask.sum()) for e in examples), default=0)
+
+
 def bucket_length(length: int, buckets: Sequence[int], max_length: int) -> int:
     """The smallest of ``buckets`` (then ``max_length``) that holds ``length`` tokens."""
     for bucket in (*buckets, max_length):

@@ -12,6 +12,7 @@ leaves a half-written report or touches earlier ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -110,12 +111,16 @@ def reference_loss(model: Model, adapter: Any, cfg: DataConfig, batch_size: int 
                                           prompt_format=fmt, source=r.source) for r in records]
     examples = [e for e in examples if e is not None]
 
+    most_targets = batching.max_target_tokens(examples)
+
     @jax.jit
     def sums(weights, adapter, ids, mask, target):
         deltas = None if adapter is None else adapter.deltas(model.config)
-        logits, _ = model_lib.apply_model(model.config, weights, ids, deltas=deltas, attention_mask_BxS=mask,
-                                          compute_dtype=model.compute_dtype)
-        return losses.token_nll(logits, ids, target)
+        hidden, _ = model_lib.apply_model(model.config, weights, ids, deltas=deltas, attention_mask_BxS=mask,
+                                          compute_dtype=model.compute_dtype, return_hidden=True)
+        # The LM head on the reference positions only: references are short next to their prompts.
+        return losses.target_token_nll(hidden, ids, target, most_targets,
+                                       functools.partial(model_lib.lm_logits, weights))
 
     total = count = 0.0
     for start in range(0, len(examples), batch_size):

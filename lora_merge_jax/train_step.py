@@ -14,11 +14,13 @@ micro-batches give the same update as one batch of M*B examples.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -89,7 +91,8 @@ def _finite(tree: Any) -> Array:
 
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *, compute_dtype: Any = None,
-                    remat: bool = False, post_update: PostUpdate | None = None) -> Callable:
+                    remat: bool = False, post_update: PostUpdate | None = None,
+                    max_target_tokens: int | None = None) -> Callable:
     """Builds the pure train step ``step(state, weights, batch) -> (state, metrics)`` (not yet jitted).
 
     Args:
@@ -98,17 +101,24 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
         compute_dtype: activations' dtype (the adapter and optimizer stay float32).
         remat: recompute layer activations in the backward pass.
         post_update: ``f(state, grads) -> state`` run after each applied update (pruning masks).
+        max_target_tokens: a bound on the target tokens of every row (``batching.max_target_tokens``); the
+            LM head then runs on that many positions per row instead of all T. The same loss and gradients;
+            ``jit_train_step`` rejects a batch that breaks the bound.
     """
 
     def summed_nll(trainable: Any, frozen: Any, weights: model_lib.Weights, micro: dict, rng: Array):
         adapter = common.combine(trainable, frozen)
-        logits, _ = model_lib.apply_model(
-            cfg, weights, micro["input_ids"], deltas=adapter.deltas(cfg), dropout=adapter.dropout,
+        ids_BxT, target_BxT = micro["input_ids"], micro["target_mask"]
+        selective = max_target_tokens is not None and max_target_tokens < ids_BxT.shape[1] - 1
+        out, _ = model_lib.apply_model(
+            cfg, weights, ids_BxT, deltas=adapter.deltas(cfg), dropout=adapter.dropout,
             dropout_rng=rng if adapter.dropout > 0 else None, attention_mask_BxS=micro["attention_mask"],
-            compute_dtype=compute_dtype, remat=remat,
+            compute_dtype=compute_dtype, remat=remat, return_hidden=selective,
         )
-        total, count = losses.token_nll(logits, micro["input_ids"], micro["target_mask"])
-        return total, count
+        if not selective:
+            return losses.token_nll(out, ids_BxT, target_BxT)
+        return losses.target_token_nll(out, ids_BxT, target_BxT, max_target_tokens,
+                                       functools.partial(model_lib.lm_logits, weights))
 
     grad_fn = jax.value_and_grad(summed_nll, has_aux=True)
 
@@ -152,6 +162,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
         }
         return new_state, metrics
 
+    step.max_target_tokens = max_target_tokens  # type: ignore[attr-defined]  # checked by jit_train_step
     return step
 
 
@@ -182,10 +193,26 @@ def jit_train_step(step: Callable, state: TrainState, weights: model_lib.Weights
         donate_argnums=(0,),
     )
 
+    bound = getattr(step, "max_target_tokens", None)
+
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if bound is not None:
+            _check_target_bound(batch["target_mask"], bound)
         return jitted(state, weights, batch)
 
     train_step.jitted = jitted  # type: ignore[attr-defined]
     train_step.batch_sharding = batch_axes  # type: ignore[attr-defined]
     train_step.state_shardings = state_sh  # type: ignore[attr-defined]
     return train_step
+
+
+def _check_target_bound(target_mask: Any, bound: int) -> None:
+    """Raises when a row of this host's part of ``target_mask`` [A, B, T] has more than ``bound`` target
+    tokens (the step built for the bound would leave the rest out of the loss)."""
+    shards = target_mask.addressable_shards if isinstance(target_mask, jax.Array) else [target_mask]
+    for shard in shards:
+        mask = np.asarray(getattr(shard, "data", shard))
+        most = int(mask[..., 1:].sum(axis=-1).max(initial=0))
+        if most > bound:
+            raise ValueError(f"a batch row has {most} target tokens, over the max_target_tokens={bound} that the "
+                             "train step was built with; build it with a larger bound (batching.max_target_tokens)")

@@ -219,7 +219,8 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
     log(f"adapter: {type(adapter).__name__}, {common.num_params(adapter, trainable_fields(cfg)):,} trainable "
         f"parameters; base model {model.config.num_params():,} parameters (frozen)")
     step_fn = train_step.make_train_step(model.config, tx, compute_dtype=model.compute_dtype,
-                                         remat=cfg.train.remat, post_update=post_update)
+                                         remat=cfg.train.remat, post_update=post_update,
+                                         max_target_tokens=batching.max_target_tokens(examples))
     train_fn = train_step.jit_train_step(step_fn, state, model.weights, model.config, mesh, cfg.data.batch_size)
 
     out.mkdir(parents=True, exist_ok=True)

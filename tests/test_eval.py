@@ -60,3 +60,32 @@ def test_eval_py_exits_nonzero_with_the_message(setup, tmp_path):
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 1
     assert "none: no such checkpoint directory" in done.stderr
+
+
+def test_reference_loss_equals_transformers(setup, tmp_path):
+    """The per-token loss of the references (LM head on the reference positions only) against transformers'
+    full logits on the same tokenised examples; float32, tolerance 1e-5 relative."""
+    import numpy as np
+    import torch
+    import transformers
+
+    import lora_merge_jax as lmj
+    from lora_merge_jax import batching
+    from lora_merge_jax.data import read_records
+    from lora_merge_jax.evaluation import reference_loss
+
+    cfg = _cfg(setup, tmp_path).data
+    model = lmj.load_pretrained(setup / "model")
+    ours = reference_loss(model, None, cfg, batch_size=4)
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(setup / "model", dtype=torch.float32).eval()
+    fmt = batching.PromptFormat(model.tokenizer, cfg)
+    total = count = 0.0
+    for r in read_records(cfg, "eval"):
+        ex = batching.tokenize_example(model.tokenizer, r.input, r.targets[0], cfg, fields=r.fields, prompt_format=fmt)
+        with torch.no_grad():
+            logits = torch_model(torch.tensor(ex.input_ids[None], dtype=torch.long)).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ex.input_ids[1:], dtype=torch.long),
+                                                reduction="none").numpy()
+        total += float((nll * ex.target_mask[1:]).sum())
+        count += float(ex.target_mask[1:].sum())
+    assert count > 0 and np.isclose(ours, total / count, rtol=1e-5, atol=0)

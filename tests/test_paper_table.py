@@ -49,6 +49,12 @@ def test_smoke_pipeline_then_rerun_skips_everything(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[base] done already" in again.stdout and "4 units, 4 done already" in again.stdout
     assert "[source]" not in again.stdout
+    report = _run(tmp_path, "--report-only", "--methods", "base", "merge_prune", "melora")  # runs nothing
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "[base]" not in report.stdout and "report of 2 of 3 planned units" in report.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["summary"]["xscitldr_ja"]) == {"base", "merge_prune [lora]"}
+    assert not (tmp_path / "units" / "xscitldr_ja" / "-" / "melora").exists()
     other = _run(tmp_path, "--target-steps", "5")  # finished units of another budget are never mixed in
     assert other.returncode != 0 and "target_steps differ" in other.stderr
 

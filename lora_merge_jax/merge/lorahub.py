@@ -184,9 +184,11 @@ def merged_loss_fn(model: Any, adapters: Sequence[LoraAdapter], batches: Sequenc
         >>> loss_of(np.array([1.0, 0.0]))
     """
     _check_composable(adapters, method)
-    stacked = {k: jnp.asarray(v) for k, v in stack_batches(batches).items()}
+    host = stack_batches(batches)
+    stacked = {k: jnp.asarray(v) for k, v in host.items()}
     adapters = list(adapters)
-    static_args = dict(cfg=model.config, compute_dtype=model.compute_dtype, method=method)
+    most_targets = int(host["target_mask"][..., 1:].sum(axis=-1).max(initial=0))
+    static_args = dict(cfg=model.config, compute_dtype=model.compute_dtype, method=method, max_targets=most_targets)
 
     def loss_fn(coefficients: np.ndarray) -> float:
         if np.shape(coefficients) != (len(adapters),):
@@ -197,16 +199,20 @@ def merged_loss_fn(model: Any, adapters: Sequence[LoraAdapter], batches: Sequenc
     return loss_fn
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "method"))
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "method", "max_targets"))
 def _mean_nll(coefficients_K: Array, adapters: list[LoraAdapter], weights: model_lib.Weights,
-              stacked: dict[str, Array], *, cfg: ModelConfig, compute_dtype: Any, method: str) -> Array:
-    """Mean target-token NLL over batches stacked [N, B, T] of the adapters merged with ``coefficients_K``."""
+              stacked: dict[str, Array], *, cfg: ModelConfig, compute_dtype: Any, method: str,
+              max_targets: int) -> Array:
+    """Mean target-token NLL over batches stacked [N, B, T] of the adapters merged with ``coefficients_K``
+    (``max_targets``: the most target tokens of a row, where the LM head runs)."""
     deltas = compose(adapters, coefficients_K, method).deltas(cfg)
 
     def one_batch(totals, batch):
-        logits, _ = model_lib.apply_model(cfg, weights, batch["input_ids"], deltas=deltas,
-                                          attention_mask_BxS=batch["attention_mask"], compute_dtype=compute_dtype)
-        nll, count = losses.token_nll(logits, batch["input_ids"], batch["target_mask"])
+        hidden, _ = model_lib.apply_model(cfg, weights, batch["input_ids"], deltas=deltas,
+                                          attention_mask_BxS=batch["attention_mask"], compute_dtype=compute_dtype,
+                                          return_hidden=True)
+        nll, count = losses.target_token_nll(hidden, batch["input_ids"], batch["target_mask"], max_targets,
+                                             functools.partial(model_lib.lm_logits, weights))
         return (totals[0] + nll, totals[1] + count), None
 
     (nll, count), _ = jax.lax.scan(one_batch, (jnp.float32(0.0), jnp.float32(0.0)), stacked)
