@@ -25,16 +25,16 @@ def _reference(hf_model, ids, mask):
         return hf_model(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask)).logits.numpy()
 
 
-@pytest.mark.parametrize("use_mask", [False, True])
-def test_logits_match_transformers(hf_checkpoint, use_mask):
+@pytest.mark.parametrize("use_mask,length", [(False, 13), (True, 150)])  # 150: causal chunks of 64, 64, 22
+def test_logits_match_transformers(hf_checkpoint, use_mask, length):
     name, path = hf_checkpoint
     hf_model = hf_models.build(name)
     model = lmj.load_pretrained(path)
-    ids, mask = _random_batch(np.random.default_rng())
+    ids, mask = _random_batch(np.random.default_rng(), length=length)
     mask = mask if use_mask else None
     ours = np.asarray(lmj.forward(model, ids, attention_mask=mask))
     ref = _reference(hf_model, ids, mask)
-    assert ours.shape == ref.shape == (3, 13, 128)
+    assert ours.shape == ref.shape == (3, length, 128)
     valid = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)  # padded rows are undefined
     assert np.abs(ours - ref)[valid].max() < TOL
 
@@ -83,3 +83,32 @@ def test_save_pretrained_round_trips_through_transformers(llama_checkpoint, tmp_
     ids, mask = _random_batch(np.random.default_rng())
     ours = np.asarray(lmj.forward(model, ids, attention_mask=mask))
     assert np.abs(ours - _reference(reloaded, ids, mask))[mask.astype(bool)].max() < TOL
+
+
+@pytest.mark.parametrize("length", [150, 512])
+def test_causal_chunked_attention_gradients_match_jax(length):
+    """Our attention (queries in causal chunks, softmax statistics as residuals) against
+    jax.nn.dot_product_attention, values and gradients, with left and right padding; float32, 2e-5."""
+    from lora_merge_jax import model as model_lib
+
+    rng = np.random.default_rng()
+    b, h, kv, hd = 2, 4, 2, 16
+    q, d_out = (rng.standard_normal((b, length, h, hd), np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((b, length, kv, hd), np.float32) for _ in range(2))
+    valid = np.ones((b, length), bool)
+    valid[0, : rng.integers(1, length // 2)] = False  # left padding: fully masked rows at the start
+    valid[1, length - rng.integers(1, length // 2):] = False
+    mask = np.tril(np.ones((length, length), bool))[None] & valid[:, None, :]
+
+    def ours(q, k, v):
+        return model_lib._attention(q, k, v, mask, causal_square=True).reshape(b, length, h, hd)
+
+    def reference(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+
+    rows = valid[:, :, None, None]  # a fully masked query row has no defined output
+    outs = [jax.vjp(f, q, k, v) for f in (ours, reference)]
+    np.testing.assert_allclose(np.where(rows, outs[0][0], 0), np.where(rows, outs[1][0], 0), atol=2e-5)
+    d_out = np.where(rows, d_out, 0)
+    for ours_grad, ref_grad in zip(outs[0][1](d_out), outs[1][1](d_out)):
+        np.testing.assert_allclose(ours_grad, ref_grad, atol=2e-5)
