@@ -69,6 +69,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import lora_merge_jax as lmj  # noqa: E402
+from lora_merge_jax import losses  # noqa: E402
 from lora_merge_jax.adapters import common  # noqa: E402
 from lora_merge_jax.merge import pruning  # noqa: E402
 from lora_merge_jax.model_config import PROJECTIONS, ModelConfig  # noqa: E402
@@ -150,7 +151,7 @@ def ours(model: lmj.Model, variant: str, k: int, rank: int, batch: dict, steps_t
     state = init_state(adapter, tx, seed=0, extra=extra)
     # As train.py builds it: the LM head only where the loss is (bound: the batch's most target tokens).
     step_fn = make_train_step(cfg, tx, compute_dtype=model.compute_dtype, post_update=post_update,
-                              max_target_tokens=int(batch["target_mask"][..., 1:].sum(-1).max()))
+                              max_target_tokens=losses.most_targets(batch["target_mask"]))
     step = jit_train_step(step_fn, state, model.weights, cfg, model.mesh, batch["input_ids"].shape[1])
     state = jax.device_put(state, step.state_shardings)
     dev_batch = jax.device_put(batch, step.batch_sharding)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -27,6 +28,11 @@ def weighted_nll(logits_BxMxV: Array, labels_BxM: Array, weights_BxM: Array) -> 
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, labels_BxM[..., None], axis=-1)[..., 0]
     return jnp.sum((logz - picked) * weights), jnp.sum(weights)
+
+
+def most_targets(target_mask_xT: np.ndarray) -> int:
+    """The most target tokens in any row of a host ``target_mask`` [..., T] (a bound for ``target_positions``)."""
+    return int(np.asarray(target_mask_xT)[..., 1:].sum(axis=-1).max(initial=0))
 
 
 def target_positions(target_mask_BxT: Array, num: int) -> tuple[Array, Array]:

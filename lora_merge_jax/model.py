@@ -23,7 +23,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from lora_merge_jax import sharding
-from lora_merge_jax.adapters.deltas import Delta
+from lora_merge_jax.adapters.deltas import Delta, tokens_first
 from lora_merge_jax.model_config import PROJECTIONS, ModelConfig
 
 Array = jax.Array
@@ -186,8 +186,7 @@ _ACTIVATIONS = {
 
 def _project(name: str, x_BxTxD: Array, w: LayerWeights, deltas: dict[str, Delta], dropout: float,
              rng: Array | None) -> Array:
-    # On the flattened tokens [B*T, D]: see adapters/deltas.py, _tokens_first.
-    x_NxD = x_BxTxD.reshape(-1, x_BxTxD.shape[-1])
+    x_NxD = tokens_first(x_BxTxD)
     y = jnp.einsum("nd,df->nf", x_NxD, w.proj[name].astype(x_BxTxD.dtype)).reshape(*x_BxTxD.shape[:-1], -1)
     if name in w.bias:
         y = y + w.bias[name].astype(y.dtype)

@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -211,8 +210,7 @@ def _check_target_bound(target_mask: Any, bound: int) -> None:
     tokens (the step built for the bound would leave the rest out of the loss)."""
     shards = target_mask.addressable_shards if isinstance(target_mask, jax.Array) else [target_mask]
     for shard in shards:
-        mask = np.asarray(getattr(shard, "data", shard))
-        most = int(mask[..., 1:].sum(axis=-1).max(initial=0))
+        most = losses.most_targets(getattr(shard, "data", shard))
         if most > bound:
             raise ValueError(f"a batch row has {most} target tokens, over the max_target_tokens={bound} that the "
                              "train step was built with; build it with a larger bound (batching.max_target_tokens)")

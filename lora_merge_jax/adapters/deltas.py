@@ -21,7 +21,7 @@ def _dropout(x: Array, rate: float, rng: Array | None) -> Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _tokens_first(x_BxTxD: Array) -> Array:
+def tokens_first(x_BxTxD: Array) -> Array:
     """[B, T, D] -> [B*T, D] (free: a bitcast). XLA's CPU backend turns the weight gradient of a product with
     two contracted token axes (b, t) into a transposed copy of the activations, four times slower than the
     same product over one token axis; so the low-rank products run on the flattened tokens."""
@@ -42,7 +42,7 @@ class LowRankDelta:
     def apply(self, x_BxTxD: Array, rate: float = 0.0, rng: Array | None = None) -> Array:
         x_BxTxD = _dropout(x_BxTxD, rate, rng)
         dtype = x_BxTxD.dtype
-        x_NxD = _tokens_first(x_BxTxD)
+        x_NxD = tokens_first(x_BxTxD)
         h_NxR = jnp.einsum("nd,dr->nr", x_NxD, self.a_DxR.astype(dtype))
         h_NxR = h_NxR * self.gain_R.astype(dtype)
         y_NxF = jnp.einsum("nr,rf->nf", h_NxR, self.b_RxF.astype(dtype))
@@ -65,7 +65,7 @@ class BlockDelta:
         x_BxTxD = _dropout(x_BxTxD, rate, rng)
         dtype = x_BxTxD.dtype
         n, dn, _ = self.a_NxDnxR.shape
-        x_MxNxDn = _tokens_first(x_BxTxD).reshape(-1, n, dn)  # M = B*T tokens
+        x_MxNxDn = tokens_first(x_BxTxD).reshape(-1, n, dn)  # M = B*T tokens
         h_MxNxR = jnp.einsum("mnd,ndr->mnr", x_MxNxDn, self.a_NxDnxR.astype(dtype))
         h_MxNxR = h_MxNxR * self.gain_NxR.astype(dtype)
         y_MxNxFn = jnp.einsum("mnr,nrf->mnf", h_MxNxR, self.b_NxRxFn.astype(dtype))

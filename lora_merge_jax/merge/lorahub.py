@@ -187,8 +187,8 @@ def merged_loss_fn(model: Any, adapters: Sequence[LoraAdapter], batches: Sequenc
     host = stack_batches(batches)
     stacked = {k: jnp.asarray(v) for k, v in host.items()}
     adapters = list(adapters)
-    most_targets = int(host["target_mask"][..., 1:].sum(axis=-1).max(initial=0))
-    static_args = dict(cfg=model.config, compute_dtype=model.compute_dtype, method=method, max_targets=most_targets)
+    static_args = dict(cfg=model.config, compute_dtype=model.compute_dtype, method=method,
+                       max_targets=losses.most_targets(host["target_mask"]))
 
     def loss_fn(coefficients: np.ndarray) -> float:
         if np.shape(coefficients) != (len(adapters),):
