@@ -71,7 +71,7 @@ def _order(rows: dict) -> list[str]:
 
 def metric_table(rows: dict, ns: tuple[int, ...], metric: str, seeds: int) -> list[str]:
     digits = 3 if metric == "reference_loss" else 2
-    lines = [f"| method | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    lines = ["| method | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
     for row in _order(rows):
         lines.append(f"| {row} | " + " | ".join(_cell(rows[row].get(n, {}).get(metric), digits, seeds)
                                                  for n in ns) + " |")

@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lora_merge_jax import batching, generate, losses, metrics
 from lora_merge_jax import model as model_lib

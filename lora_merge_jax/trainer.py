@@ -11,7 +11,6 @@ At the end the adapter is exported in PEFT format beside the checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import json
 import signal
 import time
 from pathlib import Path

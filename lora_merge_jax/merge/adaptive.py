@@ -10,6 +10,12 @@ which equals ``sum_k c_k s_k x A_k B_k`` without ever forming delta-W: one rank-
 Coefficients have one of three granularities (``task``: [K]; ``task_layer``: [L, K]; ``task_module``:
 {projection: [L, K]}). Masks are data beside the parameters (0/1, float32): pruned entries receive zero
 gradient through the product and are held at exactly zero (see ``pruning.py``).
+
+Entries that are not parameters of any task LoRA stay out of both fine-tuning and the sparsity count: a
+MELoRA source arrives (through PEFT) as a block-diagonal LoRA whose off-block entries are exact zeros, a
+``rank_pattern`` adapter is zero-padded to the largest rank, and layers a task does not adapt are all zero.
+``support_a``/``support_b`` mark the entries that exist; the masks start equal to them, so fine-tuning
+never grows a MELoRA into a dense LoRA, and a sparsity of 0.5 prunes half of the real parameters.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ class MergedLoraAdapter:
         a: projection -> A_cat [L, in, R] (R = sum of the task ranks).
         b: projection -> B_cat [L, R, out].
         mask_a, mask_b: 0/1 masks of the same shapes (1 = kept).
+        support_a, support_b: 0/1, the entries that are parameters of a task LoRA (see the module docstring);
+            masks never exceed them.
         task_scale: projection -> [L, R] the scale s_k of each component's task LoRA (0 where it does not
             adapt that layer).
         task_onehot: projection -> [R, K] component -> task.
@@ -50,6 +58,8 @@ class MergedLoraAdapter:
     b: dict[str, Array]
     mask_a: dict[str, Array]
     mask_b: dict[str, Array]
+    support_a: dict[str, Array]
+    support_b: dict[str, Array]
     task_scale: dict[str, Array]
     task_onehot: dict[str, Array]
     coefficients: Any
@@ -82,19 +92,23 @@ class MergedLoraAdapter:
         else:
             c_axes = ("layers", "task")[-self.coefficients.ndim:]
         return MergedLoraAdapter(
-            a=a_axes, b=b_axes, mask_a=a_axes, mask_b=b_axes,
+            a=a_axes, b=b_axes, mask_a=a_axes, mask_b=b_axes, support_a=a_axes, support_b=b_axes,
             task_scale={n: ("layers", "lora_rank") for n in self.a},
             task_onehot={n: ("lora_rank", "task") for n in self.a},
             coefficients=c_axes, dropout=self.dropout,
         )
 
     def sparsity(self) -> dict[str, Array]:
-        """Fraction of pruned entries per projection and layer: {projection: [L]}."""
+        """Fraction of the task LoRAs' parameters pruned, per projection and layer: {projection: [L]}.
+
+        Counted over the support, so a MELoRA's off-block zeros are neither pruned nor kept; a layer that no
+        task adapts has sparsity 0.
+        """
         out = {}
         for name in self.a:
-            pruned = jnp.sum(1 - self.mask_a[name], axis=(1, 2)) + jnp.sum(1 - self.mask_b[name], axis=(1, 2))
-            total = self.mask_a[name][0].size + self.mask_b[name][0].size
-            out[name] = pruned / total
+            live = jnp.sum(self.support_a[name], axis=(1, 2)) + jnp.sum(self.support_b[name], axis=(1, 2))
+            kept = jnp.sum(self.mask_a[name], axis=(1, 2)) + jnp.sum(self.mask_b[name], axis=(1, 2))
+            out[name] = (live - kept) / jnp.maximum(live, 1.0)
         return out
 
 
@@ -147,18 +161,17 @@ def merge_for_training(adapters: Sequence[LoraAdapter], granularity: Granularity
         if init.shape != (k,):
             raise ValueError(f"merge: init_coefficients has {init.size} values for {k} task LoRAs")
 
-    a, b, mask_a, mask_b, task_scale, onehot = {}, {}, {}, {}, {}, {}
+    a, b, support_a, support_b, task_scale, onehot = {}, {}, {}, {}, {}, {}
     for name in names:
         a[name] = jnp.concatenate([jnp.asarray(ad.a[name], jnp.float32) for ad in adapters], axis=-1)
         b[name] = jnp.concatenate([jnp.asarray(ad.b[name], jnp.float32) for ad in adapters], axis=-2)
+        support_a[name], support_b[name] = factor_support(a[name], b[name])
         ranks = [ad.a[name].shape[-1] for ad in adapters]
         task_of = np.repeat(np.arange(k), ranks)
         onehot[name] = jnp.asarray(np.eye(k, dtype=np.float32)[task_of])
         task_scale[name] = jnp.concatenate(
             [jnp.broadcast_to(jnp.asarray(ad.scale[name], jnp.float32)[:, None], (layers, r))
              for ad, r in zip(adapters, ranks)], axis=-1)
-        mask_a[name] = jnp.ones_like(a[name])
-        mask_b[name] = jnp.ones_like(b[name])
 
     if granularity == "task":
         coefficients: Any = jnp.asarray(init)
@@ -166,4 +179,22 @@ def merge_for_training(adapters: Sequence[LoraAdapter], granularity: Granularity
         coefficients = jnp.tile(jnp.asarray(init), (layers, 1))
     else:
         coefficients = {name: jnp.tile(jnp.asarray(init), (layers, 1)) for name in names}
-    return MergedLoraAdapter(a, b, mask_a, mask_b, task_scale, onehot, coefficients, dropout)
+    # Masks start as copies: the train step donates its state, and one buffer donated twice crashes XLA.
+    mask_a, mask_b = jax.tree.map(jnp.copy, support_a), jax.tree.map(jnp.copy, support_b)
+    return MergedLoraAdapter(a, b, mask_a, mask_b, support_a, support_b, task_scale, onehot, coefficients, dropout)
+
+
+def factor_support(a_LxDxR: Array, b_LxRxF: Array) -> tuple[Array, Array]:
+    """0/1 masks of the entries of trained LoRA factors that are parameters, not structural zeros.
+
+    A rank slot whose A column and B row are both all zero is padding (rank_pattern, an unadapted layer):
+    none of it is a parameter. In a live slot, exact zeros in a factor that has nonzero entries in that slot
+    are structure (a MELoRA's off-block entries); a factor that is zero throughout a live slot (B of a LoRA
+    never trained) is all parameters, so that it can still learn.
+    """
+    nonzero_a, nonzero_b = a_LxDxR != 0, b_LxRxF != 0
+    any_a_LxR, any_b_LxR = jnp.any(nonzero_a, axis=1), jnp.any(nonzero_b, axis=2)
+    live_LxR = any_a_LxR | any_b_LxR
+    support_a = (nonzero_a | ~any_a_LxR[:, None, :]) & live_LxR[:, None, :]
+    support_b = (nonzero_b | ~any_b_LxR[:, :, None]) & live_LxR[:, :, None]
+    return support_a.astype(jnp.float32), support_b.astype(jnp.float32)

@@ -18,7 +18,8 @@ and their Adam moments are zeroed at the pruned entries; since the forward multi
 masks, pruned entries then receive zero gradient and stay exactly zero.
 
 Sparsity counts what is ranked: entries for ``parameter`` granularity, rank-1 components for ``component``
-granularity, so a group of n units at target t loses exactly floor(t * n) of them.
+granularity, so a group of n units at target t loses exactly floor(t * n) of them. Only the task LoRAs'
+parameters count (``MergedLoraAdapter.support_a/b``): a MELoRA source's off-block zeros are not units.
 """
 
 from __future__ import annotations
@@ -150,8 +151,18 @@ def _scores(cfg: PruneConfig, adapter: MergedLoraAdapter, stats: dict) -> tuple[
     return sa, sb
 
 
+def _prune_counts(target_G: Array, live_GxN: Array) -> Array:
+    """Entries to prune per group [G]: a ``target`` fraction of its live (parameter) entries plus every
+    non-parameter entry, which scores -inf (as do those pruned already) and so fills the count first."""
+    live_G = jnp.sum(live_GxN, axis=-1)
+    return (jnp.floor(target_G * live_G) + (live_GxN.shape[-1] - live_G)).astype(jnp.int32)
+
+
 def new_masks(cfg: PruneConfig, adapter: MergedLoraAdapter, stats: dict, target_L: Array) -> tuple[dict, dict]:
-    """Masks that prune the lowest-scoring entries up to sparsity ``target_L`` [L] in each scope group."""
+    """Masks that prune the lowest-scoring entries up to sparsity ``target_L`` [L] in each scope group.
+
+    Sparsity counts the task LoRAs' parameters only (``adapter.support_a/b``), not structural zeros.
+    """
     sa, sb = _scores(cfg, adapter, stats)
     names = list(adapter.a)
     num_layers = next(iter(adapter.a.values())).shape[0]
@@ -167,20 +178,29 @@ def new_masks(cfg: PruneConfig, adapter: MergedLoraAdapter, stats: dict, target_
     else:
         units = {n: jnp.concatenate([sa[n].reshape(num_layers, -1), sb[n].reshape(num_layers, -1)], -1)
                  for n in names}
+    if cfg.granularity == "component":  # a component exists where its slot has any parameter
+        live = {n: jnp.maximum(jnp.max(adapter.support_a[n], axis=1), jnp.max(adapter.support_b[n], axis=2))
+                for n in names}
+    else:
+        live = {n: jnp.concatenate([adapter.support_a[n].reshape(num_layers, -1),
+                                    adapter.support_b[n].reshape(num_layers, -1)], -1) for n in names}
     eligible_L = target_L > 0
 
     if cfg.scope == "module":
-        keep = {n: _keep_top(u, jnp.floor(target_L * u.shape[1]).astype(jnp.int32)) for n, u in units.items()}
+        keep = {n: _keep_top(u, _prune_counts(target_L, live[n])) for n, u in units.items()}
     else:
         sizes = [units[n].shape[1] for n in names]
         joined_LxN = jnp.concatenate([units[n] for n in names], axis=1)
+        live_LxN = jnp.concatenate([live[n] for n in names], axis=1)
         if cfg.scope == "layer":
-            keep_joined = _keep_top(joined_LxN, jnp.floor(target_L * joined_LxN.shape[1]).astype(jnp.int32))
+            keep_joined = _keep_top(joined_LxN, _prune_counts(target_L, live_LxN))
         else:  # global: rank every eligible layer's entries together
             flat = jnp.where(eligible_L[:, None], joined_LxN, jnp.inf).reshape(1, -1)
-            count = jnp.sum(eligible_L) * joined_LxN.shape[1]
-            prune = jnp.floor(jnp.max(target_L) * count).astype(jnp.int32)
-            keep_joined = _keep_top(flat, prune[None]).reshape(joined_LxN.shape)
+            live_eligible = jnp.where(eligible_L[:, None], live_LxN, 0.0).reshape(1, -1)
+            # Ineligible layers' entries (+inf) must not count as non-live: add only the eligible ones.
+            prune = (_prune_counts(jnp.max(target_L)[None], live_eligible)
+                     - jnp.sum(~eligible_L) * joined_LxN.shape[1])
+            keep_joined = _keep_top(flat, prune).reshape(joined_LxN.shape)
         split_at = np.cumsum(sizes)[:-1]
         keep = dict(zip(names, jnp.split(keep_joined, split_at, axis=1)))
 
