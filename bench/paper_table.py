@@ -12,7 +12,8 @@ and is skipped on a rerun; an interrupted unit is redone from scratch):
         # that several narrower invocations ran in parts, running nothing
 
 ``--size`` picks the model and budgets (``smoke``, ``cpu``: hidden 128, 4 layers, 200 pretraining steps;
-``gpu``: hidden 512, 8 layers, 4,000 steps); ``--seeds``, ``--ns``, ``--targets``, ``--settings``,
+``cpu_long``: the same with 1,500 pretraining steps and the core methods; ``gpu``: hidden 512, 8 layers,
+4,000 steps); ``--seeds``, ``--ns``, ``--targets``, ``--settings``,
 ``--methods`` and the step options narrow or change the grid. Progress lines (with an estimate of the
 time left) go to stdout and ``<out-dir>/log.txt``.
 
@@ -27,8 +28,9 @@ Stages, each under ``--out-dir`` (default ``runs/paper_table/<size>``):
      on the target's development split: ROUGE-1/2/L (MeCab for Japanese), BLEU, and the per-token loss of
      the reference summaries (``evaluation.reference_loss``). Methods that do not see the target data (the
      base model, static merges) are run once (per seed when random) and shown under every N.
-  4. ``results.json``, ``table.md``; for the cpu/gpu sizes also the "## Paper table (issue 9)" section of
-     ``bench/RESULTS.md`` and ``bench/paper_table.png`` (for smoke: inside ``--out-dir``).
+  4. ``results.json``, ``table.md``; unless ``--no-publish``, also the size's section of ``bench/RESULTS.md``
+     ("## Paper table (issue 9)" for cpu, "..., size <size>" for the others) and its plot
+     (``bench/paper_table.png``, ``bench/paper_table_<size>.png``; for smoke: inside ``--out-dir``).
 
 Sources and targets. Target ``xscitldr_ja`` (X-SciTLDR ja->ja) merges SciTLDR en->en, MTS-Dialog and
 X-SciTLDR en->ja; target ``mts_dialog`` (MTS-Dialog) holds MTS-Dialog out of the sources and merges
@@ -103,6 +105,16 @@ PRESETS = {
                   max_eval_examples=50, eval_batch=32, lorahub_budget=40, lorahub_max_examples=32, rank=8,
                   melora_blocks=4, ns=(50, 100, 200), seeds=(0, 1, 2), targets=("xscitldr_ja", "mts_dialog"),
                   settings=("lora", "melora"), methods=None),
+    # The cpu study on a base pretrained 7.5x longer (~20 min here): does the ordering survive a base model
+    # that the adapters change more than rounding? The core methods and LoRA sources only, to fit an hour.
+    "cpu_long": Preset(vocab_size=4096, hidden=128, layers=4, heads=4, kv_heads=2, ffw=384, seq_len=256,
+                       pretrain_steps=1500, pretrain_batch=16, pretrain_lr=3e-3, corpus_docs=None, max_length=256,
+                       max_target_length=64, length_buckets=(128, 192), batch_size=8, source_steps=60,
+                       target_steps=30, max_eval_examples=50, eval_batch=32, lorahub_budget=40,
+                       lorahub_max_examples=32, rank=8, melora_blocks=4, ns=(50, 100, 200), seeds=(0, 1, 2),
+                       targets=("xscitldr_ja", "mts_dialog"), settings=("lora",),
+                       methods=("base", "static_exact", "lora", "melora", "lorahub", "coef_only", "merge_noprune",
+                                "merge_prune", "merge_prune_magnitude", "merge_prune_component")),
     "gpu": Preset(vocab_size=8192, hidden=512, layers=8, heads=8, kv_heads=4, ffw=1408, seq_len=512,
                   pretrain_steps=4000, pretrain_batch=32, pretrain_lr=2e-3, corpus_docs=None, max_length=768,
                   max_target_length=128, length_buckets=(256, 512), batch_size=8, source_steps=1000,
@@ -548,7 +560,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     publish_to_bench = args.publish if args.publish is not None else args.size != "smoke"
     if args.report_only:
         summary = write_report(out, preset, args.size, machine(), units, 0.0, args.note)
-        publish(out, REPO / "bench" if publish_to_bench else out, log)
+        publish(out, REPO / "bench" if publish_to_bench else out, log, args.size)
         log(f"report of {summary['meta']['units_done']} of {len(units)} planned units: {out / 'results.json'}")
         return summary
     base = build_base(preset, data_dir, out, log)
@@ -572,9 +584,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"({spent[-1]:.0f} s; {left} left, ~{left * sum(spent) / len(spent) / 60:.0f} min)")
         write_report(out, preset, args.size, machine(), units, time.perf_counter() - t_start, args.note)
         if publish_to_bench:  # partial results are readable while a long run goes on
-            publish(out, REPO / "bench", lambda *_: None)
+            publish(out, REPO / "bench", lambda *_: None, args.size)
     summary = write_report(out, preset, args.size, machine(), units, time.perf_counter() - t_start, args.note)
-    publish(out, REPO / "bench" if publish_to_bench else out, log)
+    publish(out, REPO / "bench" if publish_to_bench else out, log, args.size)
     log(f"finished in {(time.perf_counter() - t_start) / 60:.1f} min: {out / 'results.json'}")
     return summary
 

@@ -209,26 +209,36 @@ def _atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def replace_section(document: str, body: str) -> str:
-    """``document`` with its "## Paper table (issue 9)" section (up to the next "## ") replaced by ``body``."""
-    section = f"{SECTION}\n\n{body.rstrip()}\n"
-    start = document.find(SECTION)
+def section_title(size: str) -> str:
+    """The RESULTS.md heading of one size's table: the cpu study is the main one, other sizes get their own."""
+    return SECTION if size == "cpu" else f"{SECTION}, size {size}"
+
+
+def plot_name(size: str) -> str:
+    return "paper_table.png" if size == "cpu" else f"paper_table_{size}.png"
+
+
+def replace_section(document: str, body: str, title: str = SECTION) -> str:
+    """``document`` with its ``title`` section (up to the next "## ") replaced by ``body``, or appended."""
+    section = f"{title}\n\n{body.rstrip()}\n"
+    start = document.find(title + "\n")  # the newline: one title may be a prefix of another
     if start < 0:
         return (document.rstrip() + "\n\n" if document.strip() else "# Benchmark results\n\n") + section
-    end = document.find("\n## ", start + len(SECTION))
+    end = document.find("\n## ", start + len(title))
     rest = "" if end < 0 else "\n" + document[end + 1:]
     return document[:start] + section + rest
 
 
-def publish(out: Path, dest: Path, log) -> None:
-    """Writes the section of ``dest/RESULTS.md`` (other sections untouched) and ``dest/paper_table.png``."""
+def publish(out: Path, dest: Path, log, size: str) -> None:
+    """Writes the size's section of ``dest/RESULTS.md`` (other sections untouched) and its plot in ``dest``."""
     results = json.loads((out / "results.json").read_text())
     body = (out / "table.md").read_text(encoding="utf-8")
-    body += "\n![score against N](paper_table.png)\n" if plot(results, dest / "paper_table.png") else ""
+    png = dest / plot_name(size)
+    body += f"\n![score against N]({png.name})\n" if plot(results, png) else ""
     results_md = dest / "RESULTS.md"
     current = results_md.read_text(encoding="utf-8") if results_md.exists() else ""  # read late: others write too
-    _atomic(results_md, replace_section(current, body))
-    log(f"wrote {results_md} ({SECTION!r}) and {dest / 'paper_table.png'}")
+    _atomic(results_md, replace_section(current, body, section_title(size)))
+    log(f"wrote {results_md} ({section_title(size)!r}) and {png}")
 
 
 def _method_index(row: str) -> int:

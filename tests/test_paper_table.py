@@ -11,7 +11,7 @@ from tests.conftest import SHARED_DATA
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from paper_table_report import SECTION, replace_section  # noqa: E402
+from paper_table_report import SECTION, replace_section, section_title  # noqa: E402
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -42,8 +42,8 @@ def test_smoke_pipeline_then_rerun_skips_everything(tmp_path):
     lorahub = next(u for u in results["units"] if u["method"] == "lorahub")
     assert len(lorahub["lorahub_weights"]) == 2  # two source LoRAs in the smoke grid
     report = (tmp_path / "RESULTS.md").read_text()
-    assert SECTION in report and "| merge_prune [lora] |" in report and "Reading" in report
-    assert (tmp_path / "paper_table.png").stat().st_size > 0
+    assert section_title("smoke") + "\n" in report and "| merge_prune [lora] |" in report and "Reading" in report
+    assert (tmp_path / "paper_table_smoke.png").stat().st_size > 0
 
     again = _run(tmp_path)  # resumable: every unit and the base model are skipped
     assert again.returncode == 0, again.stderr[-3000:]
@@ -68,3 +68,14 @@ def test_replace_section_keeps_other_sections():
     assert replace_section("", "x").startswith("# Benchmark results\n\n" + SECTION)
     appended = replace_section("# R\n\n## Performance (issue 7)\n\nfast\n", "x")
     assert appended.endswith(SECTION + "\n\nx\n") and "fast" in appended
+
+
+def test_each_size_replaces_only_its_own_section():
+    main, long = section_title("cpu"), section_title("cpu_long")
+    assert long.startswith(main)  # a prefix: the lookup must not take one for the other
+    doc = replace_section(replace_section("", "cpu table", main), "long table", long)
+    doc = replace_section(doc, "cpu table 2", main)
+    doc = replace_section(doc, "long table 2", long)
+    assert doc.count(main + "\n") == 1 and doc.count(long + "\n") == 1
+    assert "cpu table 2\n" in doc and "long table 2\n" in doc
+    assert "cpu table\n" not in doc and "long table\n" not in doc
