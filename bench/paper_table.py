@@ -4,9 +4,9 @@ One command runs the whole study, resumably (every finished unit writes a ``resu
 and is skipped on a rerun; an interrupted unit is redone from scratch):
 
     python bench/paper_table.py --size cpu          # the full grid: 2 targets x 2 source settings x 3 N x 3 seeds
-    python bench/paper_table.py --size cpu --targets xscitldr_ja --settings lora --seeds 0 1 --ns 50 200 \
-        --methods base static_exact static_ties lora lorahub coef_only merge_noprune merge_prune \
-        merge_prune_magnitude        # the reduced grid of bench/RESULTS.md: about an hour on 2 busy CPU cores
+                                                    # (350 units, 15-80 s each on 2 CPU cores)
+    python bench/paper_table.py --size cpu_long     # its core on a stronger base: ~1.5 h on 2 CPU cores
+    python bench/paper_table.py --size cpu --targets xscitldr_ja --settings lora --ns 50   # a part of the grid
     python bench/paper_table.py --size smoke --out-dir /tmp/pt   # the whole pipeline in a minute (the test)
     python bench/paper_table.py --size cpu --report-only --targets xscitldr_ja mts_dialog   # report a grid
         # that several narrower invocations ran in parts, running nothing
