@@ -124,3 +124,31 @@ def test_pruned_merge_keeps_the_melora_blocks_and_prunes_half_of_the_real_parame
         np.testing.assert_array_equal(live_L - kept_L, np.floor(0.5 * live_L), err_msg=name)
         np.testing.assert_allclose(np.asarray(sparsity[name]), np.floor(0.5 * live_L) / np.maximum(live_L, 1),
                                    rtol=1e-6)  # float32 division
+
+
+@pytest.mark.parametrize("scope", ["module", "layer", "global"])
+def test_every_scope_prunes_its_share_of_the_real_parameters_only(model, sources, scope):
+    """One masking round at 50% from fresh masks: each scope's group loses floor(0.5 * its parameters)."""
+    _, melora_dir, padded_dir = sources
+    tasks = [lmj.load_peft_adapter(melora_dir, model), lmj.load_peft_adapter(padded_dir, model)]
+    merged = lmj.merge_for_training(tasks)
+    cfg = lmj.PruneConfig(criterion="magnitude", scope=scope, final_sparsity=0.5)
+    target_L = jnp.full((model.config.num_hidden_layers,), 0.5)
+    mask_a, mask_b = jax.device_get(pruning.new_masks(cfg, merged, {}, target_L))
+    support_a, support_b = jax.device_get((merged.support_a, merged.support_b))
+    for name in TARGETS:
+        assert np.all(mask_a[name] <= support_a[name]) and np.all(mask_b[name] <= support_b[name])
+
+    def per_layer(tree):  # {projection: [L]} entries per layer
+        return {n: np.sum(v, axis=(1, 2)) for n, v in tree.items()}
+
+    live = {n: per_layer(support_a)[n] + per_layer(support_b)[n] for n in TARGETS}
+    kept = {n: per_layer(mask_a)[n] + per_layer(mask_b)[n] for n in TARGETS}
+    if scope == "module":
+        groups = [(live[n], kept[n]) for n in TARGETS]
+    elif scope == "layer":
+        groups = [(sum(live.values()), sum(kept.values()))]
+    else:
+        groups = [(sum(v.sum() for v in live.values()), sum(v.sum() for v in kept.values()))]
+    for live_G, kept_G in groups:
+        np.testing.assert_array_equal(live_G - kept_G, np.floor(0.5 * live_G), err_msg=scope)

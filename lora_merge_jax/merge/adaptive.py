@@ -194,7 +194,12 @@ def factor_support(a_LxDxR: Array, b_LxRxF: Array) -> tuple[Array, Array]:
     """
     nonzero_a, nonzero_b = a_LxDxR != 0, b_LxRxF != 0
     any_a_LxR, any_b_LxR = jnp.any(nonzero_a, axis=1), jnp.any(nonzero_b, axis=2)
-    live_LxR = any_a_LxR | any_b_LxR
+    live_LxR = live_slots(a_LxDxR, b_LxRxF)
     support_a = (nonzero_a | ~any_a_LxR[:, None, :]) & live_LxR[:, None, :]
     support_b = (nonzero_b | ~any_b_LxR[:, :, None]) & live_LxR[:, :, None]
     return support_a.astype(jnp.float32), support_b.astype(jnp.float32)
+
+
+def live_slots(a_LxDxR: Array, b_LxRxF: Array) -> Array:
+    """[L, R] the rank slots in use: those whose A column or B row is not all zero (the rest is padding)."""
+    return jnp.any(a_LxDxR != 0, axis=1) | jnp.any(b_LxRxF != 0, axis=2)

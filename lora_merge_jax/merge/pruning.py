@@ -196,11 +196,10 @@ def new_masks(cfg: PruneConfig, adapter: MergedLoraAdapter, stats: dict, target_
             keep_joined = _keep_top(joined_LxN, _prune_counts(target_L, live_LxN))
         else:  # global: rank every eligible layer's entries together
             flat = jnp.where(eligible_L[:, None], joined_LxN, jnp.inf).reshape(1, -1)
-            live_eligible = jnp.where(eligible_L[:, None], live_LxN, 0.0).reshape(1, -1)
-            # Ineligible layers' entries (+inf) must not count as non-live: add only the eligible ones.
-            prune = (_prune_counts(jnp.max(target_L)[None], live_eligible)
-                     - jnp.sum(~eligible_L) * joined_LxN.shape[1])
-            keep_joined = _keep_top(flat, prune).reshape(joined_LxN.shape)
+            live_count = jnp.sum(jnp.where(eligible_L[:, None], live_LxN, 0.0))
+            non_parameters = jnp.sum(eligible_L) * joined_LxN.shape[1] - live_count  # eligible, scored -inf
+            prune = (jnp.floor(jnp.max(target_L) * live_count) + non_parameters).astype(jnp.int32)
+            keep_joined = _keep_top(flat, prune[None]).reshape(joined_LxN.shape)
         split_at = np.cumsum(sizes)[:-1]
         keep = dict(zip(names, jnp.split(keep_joined, split_at, axis=1)))
 

@@ -43,6 +43,7 @@ import numpy as np
 
 from lora_merge_jax.adapters.lora import LoraAdapter
 from lora_merge_jax.adapters.targets import module_path
+from lora_merge_jax.merge.adaptive import live_slots
 from lora_merge_jax.model_config import PROJECTIONS
 
 Array = jax.Array
@@ -180,10 +181,8 @@ def _concatenate(adapters: Sequence[LoraAdapter], weights: Sequence[float] | Arr
 
 
 def _active_ranks(a_LxDxR: Array, b_LxRxF: Array) -> np.ndarray:
-    """Per layer, the rank slots in use: those whose A column or B row is not all zero (the rest is padding)."""
-    a_used = np.any(np.asarray(a_LxDxR) != 0, axis=1)
-    b_used = np.any(np.asarray(b_LxRxF) != 0, axis=2)
-    return np.sum(a_used | b_used, axis=-1)
+    """Per layer, the number of rank slots in use (``adaptive.live_slots``)."""
+    return np.sum(np.asarray(live_slots(a_LxDxR, b_LxRxF)), axis=-1)
 
 
 def _keep_counts(density: float | None, numel_KxL: np.ndarray) -> np.ndarray:
