@@ -9,18 +9,19 @@ Writes predictions_<name>.jsonl, scores.json and report.md to output_dir.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from lora_merge_jax import config
-from lora_merge_jax.evaluation import EvalConfig
+from lora_merge_jax import config, tiny
+from lora_merge_jax.evaluation.evaluate import EvalConfig
 
 
 def _embedded_default() -> list[str]:
     """With no --config: the embedded tiny model and task, base model against `python train.py`'s adapter."""
-    return ["data.data_dir=runs/default/embedded/task", "data.train_file=train.jsonl", "data.eval_file=dev.jsonl",
-            "data.prompt_template='Reverse: {input}\n'", "data.max_length=96", "data.max_target_length=48",
-            "data.max_eval_examples=32", "generation.max_new_tokens=48", "metrics.reference_loss=true",
-            "adapters=[{name: base, path: null}, {name: lora, path: runs/default}]"]
+    task = tiny.embedded_task(tiny.DEFAULT_RUN_DIR)
+    return [f"data.{key}={json.dumps(value)}" for key, value in task.items()] + [
+        "data.max_eval_examples=32", "generation.max_new_tokens=48", "metrics.reference_loss=true",
+        f"adapters=[{{name: base, path: null}}, {{name: lora, path: {tiny.DEFAULT_RUN_DIR}}}]"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # ConfigError, and the checks some config sections run on construction
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from lora_merge_jax.evaluation import evaluate
+    from lora_merge_jax.evaluation.evaluate import evaluate
 
     try:
         evaluate(cfg)

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from lora_merge_jax import config
-from lora_merge_jax.train_config import TrainConfig
+from lora_merge_jax.training.config import TrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # ConfigError, and the checks some config sections run on construction
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from lora_merge_jax.trainer import train
+    from lora_merge_jax.training.loop import train
 
     try:
         result = train(cfg, resume=args.resume, force=args.force)

@@ -29,9 +29,9 @@ import lora_merge_jax as lmj  # noqa: E402
 from lora_merge_jax import model as model_lib  # noqa: E402
 from lora_merge_jax import sharding  # noqa: E402
 from lora_merge_jax.merge import pruning  # noqa: E402
-from lora_merge_jax.model_config import PROJECTIONS, ModelConfig  # noqa: E402
-from lora_merge_jax.optim import OptimConfig, make_optimizer  # noqa: E402
-from lora_merge_jax.train_step import init_state, make_train_step, state_shardings  # noqa: E402
+from lora_merge_jax.models.config import PROJECTIONS, ModelConfig  # noqa: E402
+from lora_merge_jax.training.optim import OptimConfig, make_optimizer  # noqa: E402
+from lora_merge_jax.training.step import init_state, make_train_step, state_shardings  # noqa: E402
 
 
 def model_config(layers: int, hidden: int, ffw: int, heads: int, kv_heads: int, vocab: int) -> ModelConfig:

@@ -169,12 +169,14 @@ def build_base(preset: Preset, data_dir: Path, out: Path, log) -> Path:
     """Stage 1: tokenizer + pretrained base model in ``out/base/model`` (skipped when done)."""
     import jax
     import jax.numpy as jnp
+    import pretrain
+    import sharding
     import transformers
 
-    from lora_merge_jax import model as model_lib
-    from lora_merge_jax import pretrain, sharding
-    from lora_merge_jax.model_config import from_hf_config
-    from lora_merge_jax.pretrained import Model, save_pretrained
+    from lora_merge_jax.io.hf import save_pretrained
+    from lora_merge_jax.models import weights as weights_lib
+    from lora_merge_jax.models.config import from_hf_config
+    from lora_merge_jax.models.model import Model
 
     model_dir = out / "base" / "model"
     marker = out / "base" / "DONE.json"
@@ -196,7 +198,7 @@ def build_base(preset: Preset, data_dir: Path, out: Path, log) -> Path:
         pad_token_id=tokenizer.pad_token_id)
     cfg = from_hf_config(hf_config)
     mesh = sharding.make_mesh()
-    weights = model_lib.init_random(cfg, jax.random.key(0), jnp.float32, mesh, std=0.02)
+    weights = weights_lib.init_random(cfg, jax.random.key(0), jnp.float32, mesh, std=0.02)
     log(f"[base] pretraining {cfg.num_params():,} parameters on {rows.size:,} tokens ({len(rows)} rows of "
         f"{preset.seq_len}) for {preset.pretrain_steps} steps of {preset.pretrain_batch} rows")
     t1 = time.perf_counter()
@@ -234,7 +236,7 @@ def data_section(name: str, preset: Preset, data_dir: Path, **extra: Any) -> dic
 def train_config(out: Path, base: Path, data: dict, adapter: dict, steps: int, seed: int, lr: float,
                  merge: dict | None = None) -> Any:
     from lora_merge_jax import config
-    from lora_merge_jax.train_config import TrainConfig
+    from lora_merge_jax.training.config import TrainConfig
 
     values = {
         "output_dir": str(out), "model": {"path": str(base), "dtype": "float32"}, "adapter": adapter,
@@ -326,7 +328,7 @@ class Study:
 
     @property
     def model(self):
-        from lora_merge_jax.pretrained import load_pretrained
+        from lora_merge_jax.io.hf import load_pretrained
 
         if self._model is None:
             self._model = load_pretrained(self.base)
@@ -335,7 +337,7 @@ class Study:
     # -- source adapters -------------------------------------------------------------------------------
     def source_dir(self, setting: str, task: str) -> Path:
         """Trains (once) the source adapter of ``task`` in ``setting`` on the task's full train split."""
-        from lora_merge_jax import trainer
+        from lora_merge_jax.training import loop as trainer
 
         out = self.out / "sources" / setting / task
         if (out / "DONE.json").exists():
@@ -361,11 +363,13 @@ class Study:
     # -- evaluation --------------------------------------------------------------------------------------
     def evaluate(self, model, adapter, target: str) -> dict[str, Any]:
         """Greedy summaries of the dev split scored with ROUGE/BLEU, and the reference summaries' loss."""
-        from lora_merge_jax import batching, evaluation, generate, metrics
+        from lora_merge_jax.data import prompts
+        from lora_merge_jax.evaluation import evaluate as evaluation
+        from lora_merge_jax.evaluation import generate, metrics
 
         data_cfg = self.target_data(target)
         if target not in self._eval_examples:
-            self._eval_examples[target] = batching.build_eval_examples(data_cfg, model.tokenizer)[0]
+            self._eval_examples[target] = prompts.build_eval_examples(data_cfg, model.tokenizer)[0]
         examples = self._eval_examples[target]
         predictions: list[str] = []
         for start in range(0, len(examples), self.preset.eval_batch):
@@ -381,14 +385,14 @@ class Study:
         return scores
 
     def target_data(self, target: str, n: int | None = None, seed: int = 0):
-        from lora_merge_jax.data import DataConfig
+        from lora_merge_jax.data.records import DataConfig
 
         extra = {} if n is None else {"max_examples": n, "subset_seed": seed, "shuffle_seed": seed}
         return DataConfig(**data_section(target, self.preset, self.data_dir, **extra))
 
     # -- one unit ---------------------------------------------------------------------------------------------
     def run(self, unit: Unit) -> dict[str, Any]:
-        from lora_merge_jax import trainer
+        from lora_merge_jax.training import loop as trainer
 
         out = unit.directory(self.out)
         if out.exists():
@@ -435,8 +439,8 @@ class Study:
         import jax
         import numpy as np
 
-        from lora_merge_jax import batching
-        from lora_merge_jax.adapters import peft_io
+        from lora_merge_jax.data import batching, prompts
+        from lora_merge_jax.io import peft_import as peft_io
         from lora_merge_jax.merge import lorahub, static
 
         loras = [peft_io.load_peft_adapter(d, model) for d in self.source_adapters(unit.target, unit.setting)]
@@ -448,9 +452,9 @@ class Study:
                                            key=jax.random.key(unit.seed))
             return merged, {}
         cfg = self.target_data(unit.target, unit.n, unit.seed)
-        examples, _ = batching.build_train_examples(cfg, model.tokenizer)
+        examples, _ = prompts.build_train_examples(cfg, model.tokenizer)
         examples = examples[: self.preset.lorahub_max_examples]  # a prefix of the subset shuffle
-        pad = batching.pad_token_id(model.tokenizer)
+        pad = prompts.pad_token_id(model.tokenizer)
         batches = []
         for start in range(0, len(examples), cfg.batch_size):
             chunk = examples[start:start + cfg.batch_size]

@@ -72,9 +72,9 @@ import lora_merge_jax as lmj  # noqa: E402
 from lora_merge_jax import losses  # noqa: E402
 from lora_merge_jax.adapters import common  # noqa: E402
 from lora_merge_jax.merge import pruning  # noqa: E402
-from lora_merge_jax.model_config import PROJECTIONS, ModelConfig  # noqa: E402
-from lora_merge_jax.optim import OptimConfig, make_optimizer  # noqa: E402
-from lora_merge_jax.train_step import init_state, jit_train_step, make_train_step  # noqa: E402
+from lora_merge_jax.models.config import PROJECTIONS, ModelConfig  # noqa: E402
+from lora_merge_jax.training.optim import OptimConfig, make_optimizer  # noqa: E402
+from lora_merge_jax.training.step import init_state, jit_train_step, make_train_step  # noqa: E402
 
 # name -> (LlamaConfig keyword arguments, sequence length)
 CONFIGS = {

@@ -13,13 +13,15 @@ Public API (see README.md):
 from lora_merge_jax.adapters.common import combine, fold, split
 from lora_merge_jax.adapters.lora import LoraAdapter, init_lora
 from lora_merge_jax.adapters.melora import MeloraAdapter, init_melora
-from lora_merge_jax.adapters.peft_io import load_peft_adapter, save_merged_model, save_peft_adapter
+from lora_merge_jax.io.hf import load_pretrained, save_merged_model, save_pretrained
+from lora_merge_jax.io.peft_export import save_peft_adapter
+from lora_merge_jax.io.peft_import import load_peft_adapter
 from lora_merge_jax.merge.adaptive import MergedLoraAdapter, merge_for_training
 from lora_merge_jax.merge.lorahub import lorahub_merge, lorahub_search
 from lora_merge_jax.merge.pruning import PruneConfig
 from lora_merge_jax.merge.static import merge_adapters
-from lora_merge_jax.model_config import ModelConfig
-from lora_merge_jax.pretrained import Model, forward, load_pretrained, save_pretrained
+from lora_merge_jax.models.config import ModelConfig
+from lora_merge_jax.models.model import Model, forward
 from lora_merge_jax.sharding import MeshConfig, make_mesh
 
 __all__ = [

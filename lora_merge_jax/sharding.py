@@ -114,8 +114,31 @@ def check_divisible(mesh: Mesh, name: str, shape: Sequence[int], axes: Sequence[
             )
 
 
-def batch_sharding(mesh: Mesh, batch_size: int, ndim: int = 2) -> NamedSharding:
-    """Sharding of a [batch, ...] array: split over the batch axes when they divide it, else replicated."""
-    if batch_size % mesh_axis_size(mesh, "batch") == 0:
-        return named_sharding(mesh, ("batch",) + (None,) * (ndim - 1))
-    return NamedSharding(mesh, PartitionSpec())
+def fit_axes(mesh: Mesh, shape: Sequence[int], axes: Sequence[str | None]) -> tuple[str | None, ...]:
+    """``axes`` with every logical axis that the mesh does not divide dropped (that dimension replicated).
+
+    For arrays whose small dimensions need not divide the mesh: a LoRA rank of 8 on a 16-way axis, 3 kv
+    heads on 2 tensor shards. The base weights and the batch are checked instead (``check_divisible``,
+    ``batch_sharding``), since replicating those would silently multiply memory or work.
+    """
+    return tuple(a if a is None or d % mesh_axis_size(mesh, a) == 0 else None for d, a in zip(shape, axes, strict=True))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many parts the batch axes (``data`` x ``fsdp``) cut a batch into."""
+    return mesh_axis_size(mesh, "batch")
+
+
+def batch_sharding(mesh: Mesh, batch_size: int, ndim: int = 2, leading: int = 0) -> NamedSharding:
+    """Sharding of a [..., batch, ...] array (``leading`` axes before the batch), split over the batch axes.
+
+    Raises:
+        ValueError: the batch axes do not divide ``batch_size`` (naming both), rather than silently
+            replicating the batch on every device.
+    """
+    shards = batch_shards(mesh)
+    if batch_size % shards:
+        raise ValueError(f"batch size {batch_size} is not divisible by the {shards} batch shards of the mesh "
+                         f"{dict(mesh.shape)} (data x fsdp); use a batch size that is a multiple of {shards} "
+                         "or a mesh with fewer data/fsdp devices")
+    return named_sharding(mesh, (None,) * leading + ("batch",) + (None,) * (ndim - leading - 1))

@@ -12,16 +12,18 @@ import json
 import random
 import string
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from lora_merge_jax import model as model_lib
 from lora_merge_jax import sharding
-from lora_merge_jax.model_config import from_hf_config
-from lora_merge_jax.pretrained import Model, save_pretrained
+from lora_merge_jax.io.hf import save_pretrained
+from lora_merge_jax.models import weights as weights_lib
+from lora_merge_jax.models.config import from_hf_config
+from lora_merge_jax.models.model import Model
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 WORDS = ("apple", "river", "stone", "cloud", "green", "light", "music", "paper", "quiet", "storm", "tiger",
@@ -62,7 +64,7 @@ def make_tiny_model(path: str | Path, seed: int = 0, **config_kwargs) -> Path:
     hf_config = tiny_hf_config(**config_kwargs)
     cfg = from_hf_config(hf_config)
     mesh = sharding.make_mesh()
-    weights = model_lib.init_random(cfg, jax.random.key(seed), jnp.float32, mesh, std=cfg.hidden_size ** -0.5)
+    weights = weights_lib.init_random(cfg, jax.random.key(seed), jnp.float32, mesh, std=cfg.hidden_size ** -0.5)
     model = Model(cfg, weights, mesh, hf_config, build_tokenizer(hf_config.vocab_size))
     return save_pretrained(model, path)
 
@@ -81,3 +83,24 @@ def make_tiny_task(directory: str | Path, train_size: int = 512, dev_size: int =
         lines = [json.dumps(reverse_words_example(rng)) for _ in range(size)]
         (directory / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return directory
+
+
+DEFAULT_RUN_DIR = Path("runs/default")  # where `python train.py` with no arguments writes
+
+
+def embedded_model(run_dir: str | Path) -> Path:
+    """The embedded model's directory under ``run_dir``, written on first use."""
+    path = Path(run_dir) / "embedded" / "model"
+    if not (path / "config.json").exists():
+        make_tiny_model(path)
+    return path
+
+
+def embedded_task(run_dir: str | Path) -> dict[str, Any]:
+    """The embedded task's data-section fields (``DataConfig`` keywords), its files written on first use."""
+    directory = Path(run_dir) / "embedded" / "task"
+    if not (directory / "train.jsonl").exists():
+        make_tiny_task(directory)
+    return {"data_dir": str(directory), "train_file": "train.jsonl", "eval_file": "dev.jsonl",
+            "prompt_template": "Reverse: {input}\n", "max_length": 96, "max_target_length": 48,
+            "length_buckets": (64,)}

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 import lora_merge_jax as lmj
-from lora_merge_jax.adapters import common, peft_io
-from lora_merge_jax.model_config import PROJECTIONS
-from lora_merge_jax.safetensors_io import SafetensorsFile
+from lora_merge_jax.adapters import common
+from lora_merge_jax.io import peft_export
+from lora_merge_jax.io import peft_import as peft_io
+from lora_merge_jax.io.safetensors import SafetensorsFile
+from lora_merge_jax.models.config import PROJECTIONS
 from lora_merge_jax.sharding import MeshConfig, make_mesh
 
 TOL = 1e-4  # max absolute logit difference between two computations of the same function, float32
@@ -125,7 +127,7 @@ def test_lora_follows_base_sharding_and_eight_devices_match_one(llama_checkpoint
                                load_tokenizer=False)
     rng = np.random.default_rng()
     adapter = _init(lmj.init_lora, one.config, rng, **LORA, dropout=0.05)
-    peft_io.save_peft_adapter(adapter, tmp_path, one)
+    peft_export.save_peft_adapter(adapter, tmp_path, one)
     placed = common.place(adapter, many.config, many.mesh)
     loaded = peft_io.load_peft_adapter(tmp_path, many)
     assert loaded.dropout == 0.05
@@ -139,7 +141,7 @@ def test_lora_follows_base_sharding_and_eight_devices_match_one(llama_checkpoint
     assert _spec(many.weights.layers.proj["o_proj"])[1:] == ("tensor", "fsdp")  # the check above is not vacuous
     # Exporting the sharded adapter gathers it and writes the very same tensors.
     first = SafetensorsFile(tmp_path / peft_io.WEIGHTS_NAME)
-    again = SafetensorsFile(peft_io.save_peft_adapter(loaded, tmp_path / "again", many) / peft_io.WEIGHTS_NAME)
+    again = SafetensorsFile(peft_export.save_peft_adapter(loaded, tmp_path / "again", many) / peft_io.WEIGHTS_NAME)
     assert sorted(again.keys()) == sorted(first.keys())
     for key in first.keys():
         np.testing.assert_array_equal(again[key], first[key], err_msg=key)

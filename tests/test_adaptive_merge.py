@@ -18,12 +18,13 @@ import pytest
 
 import lora_merge_jax as lmj
 from lora_merge_jax import tiny
-from lora_merge_jax.checkpoint import Checkpointer, abstract_like
-from lora_merge_jax.merge import adaptive, export, pruning
+from lora_merge_jax.merge import adaptive, pruning
+from lora_merge_jax.merge import compress as export
 from lora_merge_jax.merge.adaptive import MergedLoraAdapter
-from lora_merge_jax.optim import OptimConfig, make_optimizer
 from lora_merge_jax.sharding import MeshConfig, make_mesh
-from lora_merge_jax.train_step import init_state, jit_train_step, make_train_step
+from lora_merge_jax.training.checkpoint import Checkpointer, abstract_like
+from lora_merge_jax.training.optim import OptimConfig, make_optimizer
+from lora_merge_jax.training.step import init_state, jit_train_step, make_train_step
 from tests.train_helpers import random_batch
 
 TARGETS = ("q_proj", "v_proj", "down_proj")  # three different [in, out] shapes

@@ -23,11 +23,11 @@ import pytest
 
 from lora_merge_jax import config, tiny
 from lora_merge_jax.adapters.lora import init_lora
-from lora_merge_jax.adapters.peft_io import save_peft_adapter
-from lora_merge_jax.pretrained import load_pretrained
-from lora_merge_jax.safetensors_io import SafetensorsFile, write_safetensors
-from lora_merge_jax.train_config import TrainConfig
-from lora_merge_jax.trainer import train
+from lora_merge_jax.io.hf import load_pretrained
+from lora_merge_jax.io.peft_export import save_peft_adapter
+from lora_merge_jax.io.safetensors import SafetensorsFile, write_safetensors
+from lora_merge_jax.training.config import TrainConfig
+from lora_merge_jax.training.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = '{"document": "apple river", "summary": "river apple"}\n'

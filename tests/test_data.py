@@ -10,9 +10,12 @@ import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-from lora_merge_jax import batching, data, tiny
-from lora_merge_jax.batching import TokenizedExample, TrainIterator
-from lora_merge_jax.data import DataConfig
+from lora_merge_jax import config, tiny
+from lora_merge_jax.data import batching, prompts
+from lora_merge_jax.data import records as data
+from lora_merge_jax.data.batching import TrainIterator
+from lora_merge_jax.data.prompts import TokenizedExample
+from lora_merge_jax.data.records import DataConfig
 from tests.conftest import SHARED_DATA
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "data")
@@ -45,7 +48,7 @@ def ids_of(tok, text):
 
 def test_target_mask_marks_exactly_target_and_eos(char_tok):
     cfg = DataConfig(prompt_template="S: {input} => ", max_length=64, max_target_length=16)
-    ids, mask = batching.tokenize_example(char_tok, "  ab \r\n", "cd", cfg)
+    ids, mask = prompts.tokenize_example(char_tok, "  ab \r\n", "cd", cfg)
     prompt = ids_of(char_tok, "S: ab => ")  # input stripped, template spaces kept, no BOS from this tokenizer
     np.testing.assert_array_equal(ids, prompt + ids_of(char_tok, "cd") + [EOS])
     np.testing.assert_array_equal(mask, [0] * len(prompt) + [1, 1, 1])
@@ -56,16 +59,16 @@ def test_bos_is_added_when_the_tokenizer_adds_one(char_tok):
     tok = tiny.build_tokenizer()
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     cfg = DataConfig(prompt_template="{input}=", max_length=64, max_target_length=16)
-    ids, mask = batching.tokenize_example(tok, "ab", "c", cfg)
+    ids, mask = prompts.tokenize_example(tok, "ab", "c", cfg)
     np.testing.assert_array_equal(ids, [BOS, *ids_of(char_tok, "ab="), *ids_of(char_tok, "c"), EOS])
     np.testing.assert_array_equal(mask, [0, 0, 0, 0, 1, 1])
 
 
 def test_loss_counts_target_tokens_only(char_tok):
-    from lora_merge_jax import losses
+    from lora_merge_jax.models import losses
 
     cfg = DataConfig(prompt_template="{input}:", max_length=32, max_target_length=8, batch_size=2)
-    examples = [batching.tokenize_example(char_tok, doc, summ, cfg) for doc, summ in [("abc", "x"), ("a", "yz")]]
+    examples = [prompts.tokenize_example(char_tok, doc, summ, cfg) for doc, summ in [("abc", "x"), ("a", "yz")]]
     batch = next(TrainIterator(examples, cfg, PAD))
     logits = np.zeros((*batch["input_ids"].shape, 128), np.float32)
     _, count = losses.token_nll(logits, batch["input_ids"], batch["target_mask"])
@@ -77,14 +80,14 @@ def test_chat_template(char_tok):
     tok.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] | trim }}"
                          "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}")
     cfg = DataConfig(prompt_template="S: {input} => ", use_chat_template=True, max_length=64, max_target_length=16)
-    ids, mask = batching.tokenize_example(tok, "ab", "cd", cfg)
+    ids, mask = prompts.tokenize_example(tok, "ab", "cd", cfg)
     rendered = tok.apply_chat_template([{"role": "user", "content": "S: ab => "},
                                         {"role": "assistant", "content": "cd"}], tokenize=False)
     assert rendered == "<s>[user]S: ab =>[assistant]cd</s>"
     np.testing.assert_array_equal(ids, ids_of(tok, rendered))
     np.testing.assert_array_equal(mask, [0] * (len(ids) - 3) + [1, 1, 1])
     with pytest.raises(ValueError, match="no chat template"):
-        batching.tokenize_example(char_tok, "ab", "cd", cfg)
+        prompts.tokenize_example(char_tok, "ab", "cd", cfg)
 
 
 # --------------------------------------------------------------------------------------------- truncation
@@ -92,18 +95,18 @@ def test_chat_template(char_tok):
 
 def test_overlong_input_is_truncated_counted_and_target_kept(char_tok):
     cfg = DataConfig(prompt_template="<{input}>", max_length=20, max_target_length=8)
-    stats = batching.DataStats("train")
-    ids, mask = batching.tokenize_example(char_tok, "abcdefghijklmnopqrstuvwxyz", "SUMMARY", cfg, stats=stats)
+    stats = prompts.DataStats("train")
+    ids, mask = prompts.tokenize_example(char_tok, "abcdefghijklmnopqrstuvwxyz", "SUMMARY", cfg, stats=stats)
     assert len(ids) == 20
     assert char_tok.decode(ids[mask == 1]) == "SUMMARY</s>"
     assert char_tok.decode(ids[mask == 0]) == "<abcdefghij>"  # the input lost its end, the template stayed
     assert (stats.inputs_truncated, stats.input_tokens_dropped, stats.targets_truncated) == (1, 16, 0)
 
-    ids, mask = batching.tokenize_example(char_tok, "ab", "0123456789AB", cfg, stats=stats)
+    ids, mask = prompts.tokenize_example(char_tok, "ab", "0123456789AB", cfg, stats=stats)
     assert char_tok.decode(ids[mask == 1]) == "01234567</s>" and stats.targets_truncated == 1
 
     skip = DataConfig(prompt_template="<{input}>", max_length=20, max_target_length=8, on_overlong="skip")
-    assert batching.tokenize_example(char_tok, "x" * 30, "y", skip, stats=stats) is None
+    assert prompts.tokenize_example(char_tok, "x" * 30, "y", skip, stats=stats) is None
     assert stats.skipped_overlong == 1
 
 
@@ -177,17 +180,6 @@ def test_hosts_read_disjoint_slices_of_the_global_batch():
         TrainIterator(examples, cfg, PAD, process_count=3)
 
 
-def test_eval_batches_keep_the_last_partial_batch(char_tok):
-    texts = "abc de fgh ij k".split()
-    examples = [batching.EvalExample(np.array(ids_of(char_tok, s), np.int32), (s,), "x") for s in texts]
-    cfg = DataConfig(max_length=32, max_target_length=4, batch_size=2, length_buckets=(4, 8))
-    batches = list(batching.eval_batches(examples, cfg, PAD))
-    assert [b["example_index"].tolist() for b in batches] == [[0, 1], [2, 3], [4, -1]]
-    assert batches[0]["input_ids"].shape == (2, 4)
-    assert batches[0]["input_ids"][1].tolist() == [PAD, PAD, *ids_of(char_tok, "de")]  # left padded
-    assert batches[2]["attention_mask"][1].sum() > 0  # filler rows repeat a real prompt
-
-
 # ------------------------------------------------------------------------------------------- real data
 
 
@@ -198,14 +190,14 @@ PRESETS = {  # preset: (train records, eval records)
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_load_and_batch(preset, byte_tok):
     path = os.path.join(CONFIGS, f"{preset}.yaml")
-    assert data.load_data_config(path).data_dir == "data"
-    cfg = data.load_data_config(path, data_dir=os.path.abspath(SHARED_DATA), max_examples=12,
-                                max_eval_examples=6, batch_size=4)
-    train, train_stats = batching.build_train_examples(cfg, byte_tok)
-    evals, eval_stats = batching.build_eval_examples(cfg, byte_tok)
+    assert config.load_config(DataConfig, path).data_dir == "data"
+    cfg = config.load_config(DataConfig, path, [f"data_dir={os.path.abspath(SHARED_DATA)}", "max_examples=12",
+                                                "max_eval_examples=6", "batch_size=4"])
+    train, train_stats = prompts.build_train_examples(cfg, byte_tok)
+    evals, eval_stats = prompts.build_eval_examples(cfg, byte_tok)
     assert (train_stats.records_read, eval_stats.records_read) == PRESETS[preset]
     assert len(train) == 12 and len(evals) == 6
-    batch = next(TrainIterator(train, cfg, batching.pad_token_id(byte_tok)))
+    batch = next(TrainIterator(train, cfg, prompts.pad_token_id(byte_tok)))
     assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] in (*cfg.length_buckets, cfg.max_length)
     assert (batch["target_mask"].sum(axis=1) > 1).all()
     first = data.read_records(cfg, "eval")[0]
@@ -239,7 +231,7 @@ def test_subsets_are_nested_and_seeded(tmp_path, char_tok):
     def subset(n, seed):
         cfg = DataConfig(data_dir=str(tmp_path), train_file="train.jsonl", prompt_template="{input}=",
                          max_length=64, max_target_length=40, max_examples=n, subset_seed=seed)
-        return [e.input_ids.tolist() for e in batching.build_train_examples(cfg, char_tok)[0]]
+        return [e.input_ids.tolist() for e in prompts.build_train_examples(cfg, char_tok)[0]]
 
     assert subset(10, 0) == subset(20, 0)[:10]
     assert subset(10, 0) != subset(10, 1)
@@ -276,14 +268,14 @@ def test_overlong_error_names_the_record(tmp_path, char_tok):
     cfg = write(tmp_path, "long.jsonl", GOOD + json.dumps({"document": "x" * 50, "summary": "y"}) + "\n")
     cfg = dataclasses.replace(cfg, on_overlong="error", prompt_template="{input}=")
     with pytest.raises(ValueError, match=r"long\.jsonl:2: example is 53 tokens, over max_length=32"):
-        batching.build_train_examples(cfg, char_tok)
+        prompts.build_train_examples(cfg, char_tok)
 
 
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown placeholder \{title\}"):
         DataConfig(prompt_template="{title}: {input}")
-    with pytest.raises(ValueError, match=r"unknown DataConfig key\(s\): bogus"):
-        DataConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match=r"bogus"):
+        config.from_dict(DataConfig, {"bogus": 1})
     with pytest.raises(ValueError, match="on_overlong must be one of"):
         DataConfig(on_overlong="drop")
     with pytest.raises(FileNotFoundError, match="nothere.jsonl"):

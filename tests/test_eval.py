@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lora_merge_jax import config, tiny
-from lora_merge_jax.evaluation import EvalConfig, evaluate
+from lora_merge_jax.evaluation.evaluate import EvalConfig, evaluate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,18 +70,18 @@ def test_reference_loss_equals_transformers(setup, tmp_path):
     import transformers
 
     import lora_merge_jax as lmj
-    from lora_merge_jax import batching
-    from lora_merge_jax.data import read_records
-    from lora_merge_jax.evaluation import reference_loss
+    from lora_merge_jax.data import prompts
+    from lora_merge_jax.data.records import read_records
+    from lora_merge_jax.evaluation.evaluate import reference_loss
 
     cfg = _cfg(setup, tmp_path).data
     model = lmj.load_pretrained(setup / "model")
     ours = reference_loss(model, None, cfg, batch_size=4)
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(setup / "model", dtype=torch.float32).eval()
-    fmt = batching.PromptFormat(model.tokenizer, cfg)
+    fmt = prompts.PromptFormat(model.tokenizer, cfg)
     total = count = 0.0
     for r in read_records(cfg, "eval"):
-        ex = batching.tokenize_example(model.tokenizer, r.input, r.targets[0], cfg, fields=r.fields, prompt_format=fmt)
+        ex = prompts.tokenize_example(model.tokenizer, r.input, r.targets[0], cfg, fields=r.fields, prompt_format=fmt)
         with torch.no_grad():
             logits = torch_model(torch.tensor(ex.input_ids[None], dtype=torch.long)).logits[0, :-1]
         nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ex.input_ids[1:], dtype=torch.long),

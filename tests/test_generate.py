@@ -11,9 +11,9 @@ import torch
 from transformers.generation import logits_process
 
 import lora_merge_jax as lmj
-from lora_merge_jax import generate as gen
 from lora_merge_jax import tiny
-from lora_merge_jax.model_config import ATTENTION_PROJECTIONS, PROJECTIONS
+from lora_merge_jax.evaluation import generate as gen
+from lora_merge_jax.models.config import ATTENTION_PROJECTIONS, PROJECTIONS
 from lora_merge_jax.sharding import MeshConfig, make_mesh
 from tests import hf_models
 

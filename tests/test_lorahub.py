@@ -4,12 +4,16 @@ import numpy as np
 import pytest
 
 import lora_merge_jax as lmj
-from lora_merge_jax import losses
-from lora_merge_jax import model as model_lib
 from lora_merge_jax.adapters.lora import LoraAdapter
 from lora_merge_jax.merge import lorahub
-from lora_merge_jax.merge.lorahub import compose, lorahub_merge, lorahub_search, merged_loss_fn
+from lora_merge_jax.merge.lorahub import (
+    compose,
+    lorahub_merge,
+    lorahub_search,
+    merged_loss_fn,
+)
 from lora_merge_jax.merge.static import merge_adapters
+from lora_merge_jax.models import decoder, losses
 
 
 def _quadratic(optimum):
@@ -85,8 +89,8 @@ def task(llama_checkpoint):
 def test_merged_loss_is_mean_target_nll_and_compiles_once(task, monkeypatch):
     model, adapters, batches, ids, target = task
     traces = []
-    real_apply = model_lib.apply_model
-    monkeypatch.setattr(model_lib, "apply_model", lambda *a, **k: traces.append(1) or real_apply(*a, **k))
+    real_apply = decoder.apply_model
+    monkeypatch.setattr(decoder, "apply_model", lambda *a, **k: traces.append(1) or real_apply(*a, **k))
     loss_of = merged_loss_fn(model, adapters, batches)
     got = loss_of(np.array([1.0, 0.0]))
     traces.clear()

@@ -16,8 +16,8 @@ from safetensors.numpy import load_file
 
 import lora_merge_jax as lmj
 from lora_merge_jax.merge import adaptive, pruning
-from lora_merge_jax.optim import OptimConfig, make_optimizer
-from lora_merge_jax.train_step import init_state, jit_train_step, make_train_step
+from lora_merge_jax.training.optim import OptimConfig, make_optimizer
+from lora_merge_jax.training.step import init_state, jit_train_step, make_train_step
 from tests import hf_models
 from tests.train_helpers import random_batch
 

@@ -6,7 +6,7 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from lora_merge_jax import metrics
+from lora_merge_jax.evaluation import metrics
 
 WORDS = ("the model summarises long scientific papers into short texts while running quickly on small "
          "devices and larger clusters with adapters merged by learned coefficients").split()

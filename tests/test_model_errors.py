@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lora_merge_jax as lmj
-from lora_merge_jax.safetensors_io import SafetensorsFile, write_safetensors
+from lora_merge_jax.io.safetensors import SafetensorsFile, write_safetensors
 from lora_merge_jax.sharding import MeshConfig, make_mesh
 
 

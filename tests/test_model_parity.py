@@ -89,7 +89,7 @@ def test_save_pretrained_round_trips_through_transformers(llama_checkpoint, tmp_
 def test_causal_chunked_attention_gradients_match_jax(length):
     """Our attention (queries in causal chunks, softmax statistics as residuals) against
     jax.nn.dot_product_attention, values and gradients, with left and right padding; float32, 2e-5."""
-    from lora_merge_jax import model as model_lib
+    from lora_merge_jax.models import attention as attention_lib
 
     rng = np.random.default_rng()
     b, h, kv, hd = 2, 4, 2, 16
@@ -101,7 +101,7 @@ def test_causal_chunked_attention_gradients_match_jax(length):
     mask = np.tril(np.ones((length, length), bool))[None] & valid[:, None, :]
 
     def ours(q, k, v):
-        return model_lib._attention(q, k, v, mask, causal_square=True).reshape(b, length, h, hd)
+        return attention_lib.attention(q, k, v, mask, causal_square=True).reshape(b, length, h, hd)
 
     def reference(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")

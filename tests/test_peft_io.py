@@ -18,10 +18,12 @@ import transformers
 from flax import struct
 
 import lora_merge_jax as lmj
-from lora_merge_jax.adapters import peft_io
-from lora_merge_jax.adapters.deltas import LowRankDelta
-from lora_merge_jax.model_config import PROJECTIONS
-from lora_merge_jax.safetensors_io import SafetensorsFile, write_safetensors
+from lora_merge_jax.adapters import factors
+from lora_merge_jax.io import hf, peft_export
+from lora_merge_jax.io import peft_import as peft_io
+from lora_merge_jax.io.safetensors import SafetensorsFile, write_safetensors
+from lora_merge_jax.models.config import PROJECTIONS
+from lora_merge_jax.models.deltas import LowRankDelta
 from tests import hf_models
 
 TOL = 1e-4  # max absolute logit difference against PEFT / transformers in float32
@@ -172,7 +174,7 @@ def test_saved_adapter_loads_in_peft_and_back(case, tiny, tmp_path):
     rng = np.random.default_rng()
     model = tiny(name)
     adapter = _with_random_b(_make(make, model.config, rng), rng)
-    peft_io.save_peft_adapter(adapter, tmp_path / "adapter", model, base_model_name_or_path="tiny/" + name)
+    peft_export.save_peft_adapter(adapter, tmp_path / "adapter", model, base_model_name_or_path="tiny/" + name)
 
     ids, mask = _random_batch(rng)
     ours = _ours(model, ids, mask, adapter)
@@ -188,7 +190,7 @@ def test_saved_adapter_loads_in_peft_and_back(case, tiny, tmp_path):
 def test_export_config_is_exact_and_minimal(tiny, tmp_path):
     model = tiny("qwen2")
     mixed = _make(_lora_mixed, model.config, np.random.default_rng())
-    conf = json.loads((peft_io.save_peft_adapter(mixed, tmp_path / "m", model) / peft_io.CONFIG_NAME).read_text())
+    conf = json.loads((peft_export.save_peft_adapter(mixed, tmp_path / "m", model) / peft_io.CONFIG_NAME).read_text())
     # v_proj is adapted in layer 1 only, the others in both: a regex, since layers_to_transform is global.
     assert conf["layers_to_transform"] is None
     assert re.fullmatch(conf["target_modules"], "model.layers.1.self_attn.v_proj")
@@ -204,7 +206,7 @@ def test_export_config_is_exact_and_minimal(tiny, tmp_path):
     assert conf["lora_dropout"] == 0.1
 
     melora = _make(EXPORT_CASES["melora_uniform"][1], model.config, np.random.default_rng())
-    conf = json.loads((peft_io.save_peft_adapter(melora, tmp_path / "b", model) / peft_io.CONFIG_NAME).read_text())
+    conf = json.loads((peft_export.save_peft_adapter(melora, tmp_path / "b", model) / peft_io.CONFIG_NAME).read_text())
     assert (conf["r"], conf["lora_alpha"], conf["target_modules"]) == (8, 16.0, ["q_proj", "v_proj"])
 
 
@@ -215,7 +217,7 @@ def test_exported_patterns_are_anchored_to_one_layer():
     key = re.escape("model.layers.1.self_attn.q_proj")
     assert get_pattern_key([key], "model.layers.1.self_attn.q_proj") == key
     assert get_pattern_key([key], "model.layers.11.self_attn.q_proj") != key
-    target, layers = peft_io._target_spec({"q_proj": [1], "v_proj": [1, 11]}, num_layers=12)
+    target, layers = peft_export._target_spec({"q_proj": [1], "v_proj": [1, 11]}, num_layers=12)
     assert layers is None
     hits = {f"model.layers.{i}.self_attn.{p}" for i in range(12) for p in ("q_proj", "v_proj")
             if re.fullmatch(target, f"model.layers.{i}.self_attn.{p}")}
@@ -229,7 +231,7 @@ def test_lowrank_factors_reproduce_every_delta(tiny):
     for make in (EXPORT_CASES["melora_mixed"][1], _merged_like, _lora_mixed):
         adapter = _with_random_b(_make(make, model.config, rng), rng)
         for proj, delta in adapter.deltas(model.config).items():
-            a, b, scale = peft_io.lowrank_factors(adapter, model.config)[proj]
+            a, b, scale = factors.lowrank_factors(adapter, model.config)[proj]
             ours = np.einsum("ldr,l,lrf->ldf", a, scale, b)
             np.testing.assert_allclose(ours, np.asarray(delta.weight()), atol=1e-6, err_msg=proj)
 
@@ -239,7 +241,7 @@ def test_merged_model_loads_in_transformers(kind, tiny, tmp_path):
     model = tiny("llama3")
     rng = np.random.default_rng()
     adapter = _with_random_b(_make(EXPORT_CASES[f"{kind}_uniform"][1], model.config, rng), rng)
-    peft_io.save_merged_model(model, adapter, tmp_path / "merged")
+    hf.save_merged_model(model, adapter, tmp_path / "merged")
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     ids, mask = _random_batch(rng)
     assert _max_diff(_ours(model, ids, mask, adapter), _torch_logits(merged, ids, mask), mask) < TOL
@@ -352,7 +354,7 @@ def test_save_refuses_a_file_path_and_an_empty_adapter(tiny, tmp_path):
     adapter = _make(lmj.init_lora, model.config, np.random.default_rng())
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="file: exists and is not a directory"):
-        peft_io.save_peft_adapter(adapter, tmp_path / "file", model)
+        peft_export.save_peft_adapter(adapter, tmp_path / "file", model)
     empty = dataclasses.replace(adapter, scale={p: jnp.zeros_like(s) for p, s in adapter.scale.items()})
     with pytest.raises(ValueError, match="every scale is 0"):
-        peft_io.save_peft_adapter(empty, tmp_path / "empty", model)
+        peft_export.save_peft_adapter(empty, tmp_path / "empty", model)

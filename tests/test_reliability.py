@@ -27,13 +27,14 @@ import yaml
 
 from lora_merge_jax import config, tiny
 from lora_merge_jax.adapters.lora import init_lora
-from lora_merge_jax.adapters.peft_io import load_peft_adapter, save_peft_adapter
-from lora_merge_jax.checkpoint import CheckpointError, Checkpointer
-from lora_merge_jax.model_config import PROJECTIONS
-from lora_merge_jax.pretrained import load_pretrained
-from lora_merge_jax.safetensors_io import SafetensorsFile, write_safetensors
-from lora_merge_jax.train_config import TrainConfig
-from lora_merge_jax.trainer import train
+from lora_merge_jax.io.hf import load_pretrained
+from lora_merge_jax.io.peft_export import save_peft_adapter
+from lora_merge_jax.io.peft_import import load_peft_adapter
+from lora_merge_jax.io.safetensors import SafetensorsFile, write_safetensors
+from lora_merge_jax.models.config import PROJECTIONS
+from lora_merge_jax.training.checkpoint import Checkpointer, CheckpointError
+from lora_merge_jax.training.config import TrainConfig
+from lora_merge_jax.training.loop import train
 from tests.train_helpers import tiny_train_config
 
 REPO = Path(__file__).resolve().parent.parent

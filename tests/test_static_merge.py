@@ -16,7 +16,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 import lora_merge_jax as lmj
 from lora_merge_jax.adapters.lora import LoraAdapter
 from lora_merge_jax.merge.static import merge_adapters
-from lora_merge_jax.model_config import ATTENTION_PROJECTIONS, PROJECTIONS, from_hf_config
+from lora_merge_jax.models.config import (
+    ATTENTION_PROJECTIONS,
+    PROJECTIONS,
+    from_hf_config,
+)
 from tests import hf_models
 
 TOL = 1e-4  # max absolute delta-W (and logit) difference against PEFT in float32

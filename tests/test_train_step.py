@@ -10,9 +10,9 @@ import transformers
 
 import lora_merge_jax as lmj
 from lora_merge_jax import tiny
-from lora_merge_jax.optim import OptimConfig, make_optimizer
 from lora_merge_jax.sharding import MeshConfig, make_mesh
-from lora_merge_jax.train_step import init_state, jit_train_step, make_train_step
+from lora_merge_jax.training.optim import OptimConfig, make_optimizer
+from lora_merge_jax.training.step import init_state, jit_train_step, make_train_step
 from tests.train_helpers import leaves, random_batch
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
@@ -82,11 +82,10 @@ def test_no_gradient_buffer_for_base_weights(tmp_path):
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < 0.5 * weight_bytes  # a gradient of the base weights alone would be 100%
     # The control: differentiating the base weights too needs a buffer at least the size of the largest weight.
-    from lora_merge_jax import losses
-    from lora_merge_jax import model as model_lib
+    from lora_merge_jax.models import decoder, losses
 
     def base_loss(weights, ids):
-        logits, _ = model_lib.apply_model(model.config, weights, ids)
+        logits, _ = decoder.apply_model(model.config, weights, ids)
         return losses.mean_token_nll(logits, ids, jnp.ones_like(ids))
 
     full = jax.jit(jax.grad(base_loss)).lower(model.weights, batch["input_ids"][0]).compile()
@@ -166,12 +165,12 @@ def test_fsdp_step_keeps_logits_sharded_by_batch():
     Compiled ahead of time from abstract inputs; XLA's buffer assignment is the reference. Each device's
     share of the float32 logits is 1/8 of the global [B, T, V]; a partitioner left free gathered them all.
     """
-    from lora_merge_jax import model as model_lib
-    from lora_merge_jax.model_config import from_hf_config
+    from lora_merge_jax.models import weights as weights_lib
+    from lora_merge_jax.models.config import from_hf_config
 
     cfg = from_hf_config(tiny.tiny_hf_config(vocab_size=8192, layers=1))
     mesh = make_mesh(MeshConfig(fsdp=8))
-    weights = model_lib.abstract(cfg, jnp.float32, mesh)
+    weights = weights_lib.abstract(cfg, jnp.float32, mesh)
     adapter = jax.eval_shape(lambda: lmj.init_lora(cfg, jax.random.key(0), rank=4, target_modules=TARGETS))
     tx = make_optimizer(OptimConfig(learning_rate=1e-3), 10)
     state = jax.eval_shape(lambda a: init_state(a, tx, seed=0), adapter)

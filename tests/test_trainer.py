@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora_merge_jax.safetensors_io import SafetensorsFile
-from lora_merge_jax.trainer import train
+from lora_merge_jax.io.safetensors import SafetensorsFile
+from lora_merge_jax.training.loop import train
 from tests.train_helpers import tiny_train_config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from lora_merge_jax import config
-from lora_merge_jax.train_config import TrainConfig
+from lora_merge_jax.training.config import TrainConfig
 
 
 def tiny_train_config(out, *overrides: str) -> TrainConfig:

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from lora_merge_jax import model as model_lib
 from lora_merge_jax import sharding
-from lora_merge_jax.model_config import ModelConfig
+from lora_merge_jax.models import weights as weights_lib
+from lora_merge_jax.models.config import ModelConfig
 
 
 def _array_fields(adapter: Any) -> list[str]:
@@ -59,12 +59,9 @@ def shardings(adapter: Any, cfg: ModelConfig, mesh: Mesh) -> Any:
     arrays, treedef = jax.tree.flatten(adapter)
     axes_leaves = jax.tree.leaves(axes, is_leaf=is_axes)
 
-    def fit(arr: jax.Array, ax: tuple) -> jax.sharding.NamedSharding:
-        # A dimension the mesh does not divide (a small rank, an odd block) stays replicated.
-        ax = tuple(a if a is None or d % sharding.mesh_axis_size(mesh, a) == 0 else None for d, a in zip(arr.shape, ax))
-        return sharding.named_sharding(mesh, ax)
-
-    return jax.tree.unflatten(treedef, [fit(a, ax) for a, ax in zip(arrays, axes_leaves, strict=True)])
+    # A dimension the mesh does not divide (a small rank, an odd block) stays replicated.
+    return jax.tree.unflatten(treedef, [sharding.named_sharding(mesh, sharding.fit_axes(mesh, a.shape, ax))
+                                        for a, ax in zip(arrays, axes_leaves, strict=True)])
 
 
 def place(adapter: Any, cfg: ModelConfig, mesh: Mesh) -> Any:
@@ -78,7 +75,7 @@ def num_params(adapter: Any, trainable_fields: Sequence[str] | None = None) -> i
     return sum(x.size for x in jax.tree.leaves(trainable))
 
 
-def fold(model: Any, adapter: Any) -> model_lib.Weights:
+def fold(model: Any, adapter: Any) -> weights_lib.Weights:
     """Base weights with the adapter folded in: W + delta_W for every adapted projection.
 
     The result has the base weights' dtype and sharding; use it for export or adapter-free inference.
@@ -91,7 +88,7 @@ def fold(model: Any, adapter: Any) -> model_lib.Weights:
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def _fold(cfg: ModelConfig, weights: model_lib.Weights, adapter: Any) -> model_lib.Weights:
+def _fold(cfg: ModelConfig, weights: weights_lib.Weights, adapter: Any) -> weights_lib.Weights:
     proj = dict(weights.layers.proj)
     for name, delta in adapter.deltas(cfg).items():
         w = proj[name]

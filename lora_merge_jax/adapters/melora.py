@@ -18,8 +18,8 @@ import numpy as np
 from flax import struct
 
 from lora_merge_jax.adapters import targets
-from lora_merge_jax.adapters.deltas import BlockDelta
-from lora_merge_jax.model_config import ModelConfig
+from lora_merge_jax.models.config import ModelConfig
+from lora_merge_jax.models.deltas import BlockDelta
 
 Array = jax.Array
 

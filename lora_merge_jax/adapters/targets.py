@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from lora_merge_jax.model_config import PROJECTIONS, ModelConfig
+from lora_merge_jax.models.config import PROJECTIONS, ModelConfig
 
 _PREFIX = {p: "self_attn" for p in PROJECTIONS[:4]} | {p: "mlp" for p in PROJECTIONS[4:]}
 

@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lora_merge_jax.adapters.deltas import LowRankDelta
 from lora_merge_jax.adapters.lora import LoraAdapter
-from lora_merge_jax.model import PROJ_AXES
-from lora_merge_jax.model_config import ModelConfig
+from lora_merge_jax.models.config import ModelConfig
+from lora_merge_jax.models.deltas import LowRankDelta
+from lora_merge_jax.models.weights import PROJ_AXES
 
 Array = jax.Array
 Granularity = Literal["task", "task_layer", "task_module"]

@@ -31,11 +31,11 @@ import jax.numpy as jnp
 import nevergrad as ng
 import numpy as np
 
-from lora_merge_jax import losses
-from lora_merge_jax import model as model_lib
 from lora_merge_jax.adapters.lora import LoraAdapter
 from lora_merge_jax.merge import static
-from lora_merge_jax.model_config import ModelConfig
+from lora_merge_jax.models import decoder, losses
+from lora_merge_jax.models import weights as weights_lib
+from lora_merge_jax.models.config import ModelConfig
 
 Array = jax.Array
 BATCH_KEYS = ("input_ids", "attention_mask", "target_mask")
@@ -200,7 +200,7 @@ def merged_loss_fn(model: Any, adapters: Sequence[LoraAdapter], batches: Sequenc
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "method", "max_targets"))
-def _mean_nll(coefficients_K: Array, adapters: list[LoraAdapter], weights: model_lib.Weights,
+def _mean_nll(coefficients_K: Array, adapters: list[LoraAdapter], weights: weights_lib.Weights,
               stacked: dict[str, Array], *, cfg: ModelConfig, compute_dtype: Any, method: str,
               max_targets: int) -> Array:
     """Mean target-token NLL over batches stacked [N, B, T] of the adapters merged with ``coefficients_K``
@@ -208,11 +208,11 @@ def _mean_nll(coefficients_K: Array, adapters: list[LoraAdapter], weights: model
     deltas = compose(adapters, coefficients_K, method).deltas(cfg)
 
     def one_batch(totals, batch):
-        hidden, _ = model_lib.apply_model(cfg, weights, batch["input_ids"], deltas=deltas,
+        hidden, _ = decoder.apply_model(cfg, weights, batch["input_ids"], deltas=deltas,
                                           attention_mask_BxS=batch["attention_mask"], compute_dtype=compute_dtype,
                                           return_hidden=True)
         nll, count = losses.target_token_nll(hidden, batch["input_ids"], batch["target_mask"], max_targets,
-                                             functools.partial(model_lib.lm_logits, weights))
+                                             functools.partial(decoder.lm_logits, weights))
         return (totals[0] + nll, totals[1] + count), None
 
     (nll, count), _ = jax.lax.scan(one_batch, (jnp.float32(0.0), jnp.float32(0.0)), stacked)

@@ -44,7 +44,7 @@ import numpy as np
 from lora_merge_jax.adapters.lora import LoraAdapter
 from lora_merge_jax.adapters.targets import module_path
 from lora_merge_jax.merge.adaptive import live_slots
-from lora_merge_jax.model_config import PROJECTIONS
+from lora_merge_jax.models.config import PROJECTIONS
 
 Array = jax.Array
 

@@ -14,18 +14,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
-from lora_merge_jax import batching, generate, losses, metrics
-from lora_merge_jax import model as model_lib
-from lora_merge_jax.adapters import peft_io
-from lora_merge_jax.data import DataConfig, read_records
-from lora_merge_jax.pretrained import Model, load_pretrained
+from lora_merge_jax import tiny
+from lora_merge_jax.data import batching, prompts
+from lora_merge_jax.data.records import DataConfig, read_records
+from lora_merge_jax.evaluation import generate, metrics
+from lora_merge_jax.io import peft_import as peft_io
+from lora_merge_jax.io.files import write_text_atomic
+from lora_merge_jax.io.hf import load_pretrained
+from lora_merge_jax.models import decoder, losses
+from lora_merge_jax.models.model import Model
 from lora_merge_jax.sharding import MeshConfig, make_mesh
 
 
@@ -83,12 +86,6 @@ class EvalConfig:
             raise ValueError(f"adapters: names must be unique, got {names}")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def load_adapter(entry: AdapterEntry, model: Model) -> Any:
     """The adapter of ``entry`` (None for the base model); a missing path is an error naming it."""
     if entry.path is None:
@@ -96,30 +93,28 @@ def load_adapter(entry: AdapterEntry, model: Model) -> Any:
     path = Path(entry.path)
     if not path.exists():
         raise FileNotFoundError(f"adapter '{entry.name}': {path} does not exist")
-    if (path / "adapter" / peft_io.CONFIG_NAME).exists():
-        path = path / "adapter"
-    return peft_io.load_peft_adapter(path, model)
+    return peft_io.load_peft_adapter(peft_io.adapter_dir(path), model)
 
 
 def reference_loss(model: Model, adapter: Any, cfg: DataConfig, batch_size: int = 8) -> float:
     """Mean per-token NLL of the first reference of every evaluation example under ``adapter``."""
     records = read_records(cfg, "eval")[: cfg.max_eval_examples or None]
-    fmt = batching.PromptFormat(model.tokenizer, cfg)
-    pad = batching.pad_token_id(model.tokenizer)
-    examples = [batching.tokenize_example(model.tokenizer, r.input, r.targets[0], cfg, fields=r.fields,
+    fmt = prompts.PromptFormat(model.tokenizer, cfg)
+    pad = prompts.pad_token_id(model.tokenizer)
+    examples = [prompts.tokenize_example(model.tokenizer, r.input, r.targets[0], cfg, fields=r.fields,
                                           prompt_format=fmt, source=r.source) for r in records]
     examples = [e for e in examples if e is not None]
 
-    most_targets = batching.max_target_tokens(examples)
+    most_targets = prompts.max_target_tokens(examples)
 
     @jax.jit
     def sums(weights, adapter, ids, mask, target):
         deltas = None if adapter is None else adapter.deltas(model.config)
-        hidden, _ = model_lib.apply_model(model.config, weights, ids, deltas=deltas, attention_mask_BxS=mask,
+        hidden, _ = decoder.apply_model(model.config, weights, ids, deltas=deltas, attention_mask_BxS=mask,
                                           compute_dtype=model.compute_dtype, return_hidden=True)
         # The LM head on the reference positions only: references are short next to their prompts.
         return losses.target_token_nll(hidden, ids, target, most_targets,
-                                       functools.partial(model_lib.lm_logits, weights))
+                                       functools.partial(decoder.lm_logits, weights))
 
     total = count = 0.0
     for start in range(0, len(examples), batch_size):
@@ -144,14 +139,14 @@ def evaluate(cfg: EvalConfig, log=print, progress: bool = True) -> dict[str, Any
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {out}: exists and is not a directory")
-    model_path = cfg.model_path or str(Path("runs/default/embedded/model"))
+    model_path = cfg.model_path or str(tiny.embedded_model(tiny.DEFAULT_RUN_DIR))
     mesh = make_mesh(cfg.mesh)
     log(f"devices: {len(jax.devices())} x {jax.devices()[0].platform}; mesh {dict(mesh.shape)}")
     model = load_pretrained(model_path, dtype=jnp.dtype(cfg.dtype), mesh=mesh)
     if model.tokenizer is None:
         raise ValueError(f"{model_path}: no tokenizer files; evaluation needs the model's tokenizer")
     adapters = {entry.name: load_adapter(entry, model) for entry in cfg.adapters}  # fail before any work
-    examples, stats = batching.build_eval_examples(cfg.data, model.tokenizer)
+    examples, stats = prompts.build_eval_examples(cfg.data, model.tokenizer)
     if not examples:
         raise ValueError(f"{cfg.data.eval_file or cfg.data.hub_name}: the evaluation set is empty")
     log(f"data: {stats}")
@@ -176,11 +171,11 @@ def evaluate(cfg: EvalConfig, log=print, progress: bool = True) -> dict[str, Any
         results[name] = scores
         lines = [json.dumps({"source": e.source, "prediction": p, "references": list(e.references)},
                             ensure_ascii=False) for e, p in zip(examples, predictions)]
-        _write_atomic(out / f"predictions_{name}.jsonl", "\n".join(lines) + "\n")
+        write_text_atomic(out / f"predictions_{name}.jsonl", "\n".join(lines) + "\n")
         log(f"{name}: ROUGE-1 {scores['rouge1']:.2f} ROUGE-2 {scores['rouge2']:.2f} ROUGE-L {scores['rougeL']:.2f} "
             f"BLEU {scores['bleu']:.2f}" + (f" ref-loss {scores['reference_loss']:.4f}" if 'reference_loss' in scores else ""))
-    _write_atomic(out / "scores.json", json.dumps(results, indent=2, ensure_ascii=False))
-    _write_atomic(out / "report.md", markdown_report(results, cfg))
+    write_text_atomic(out / "scores.json", json.dumps(results, indent=2, ensure_ascii=False))
+    write_text_atomic(out / "report.md", markdown_report(results, cfg))
     return results
 
 

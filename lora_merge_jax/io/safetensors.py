@@ -16,6 +16,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from lora_merge_jax.io.files import atomic_open
+
 _DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -88,14 +90,11 @@ def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, np.n
     header["__metadata__"] = dict(metadata or {"format": "pt"})
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align the data to 8 bytes, as the reference writer does
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for _, arr in items:
             f.write(np.ascontiguousarray(arr).tobytes())
-    os.replace(tmp, path)
 
 
 class CheckpointFiles:

@@ -1,8 +1,8 @@
-"""From records to batches: prompt formatting, tokenisation, bucketed padding and a resumable iterator.
+"""From records to token ids: prompt formatting and tokenisation with the loss on targets only.
 
-Tokenisation. The prompt template holds ``{input}`` exactly once (plus record fields named in
-``prompt_fields``). It is rendered with a marker in place of the input, inside the tokenizer's chat template
-when ``use_chat_template`` is set, and encoded in pieces: text before the input, the input, text after. An
+The prompt template holds ``{input}`` exactly once (plus record fields named in ``prompt_fields``). It is
+rendered with a marker in place of the input, inside the tokenizer's chat template when
+``use_chat_template`` is set, and encoded in pieces: text before the input, the input, text after. An
 overlong example thus loses tokens from the end of its input only, never template text or target, and
 nothing is re-tokenised. Tokens do not merge across piece boundaries, and train and eval prompts come from
 the same pieces, so the model is prompted exactly as it was trained. Every truncation and skip is counted
@@ -10,32 +10,20 @@ in a ``DataStats``, which the caller logs. ``max_examples`` (the low-resource se
 usable examples of a ``subset_seed`` shuffle, so for one seed the 50-example subset is a prefix of the
 100-example one.
 
-Batching. Training batches are right-padded to the smallest ``length_buckets`` entry that holds the longest
-example of the global batch (``max_length`` is the implied last bucket), so a few shapes get compiled. The
-order of epoch e is ``np.random.default_rng([shuffle_seed, e]).permutation(n)``; the last partial batch of
-an epoch is dropped (every step has the same global batch size). The iterator's position is the small dict
-``{"epoch", "batch_index", ...}`` that goes into a checkpoint. Evaluation keeps its last partial batch,
-filled with copies of a real prompt marked ``example_index == -1``, and left-pads for generation.
-
-Multi-host. Every host tokenises the whole (small) data set and computes the same order, so all hosts agree
-on each global batch and its padded length; host p of P returns rows ``[p * B/P, (p + 1) * B/P)`` of it,
-ready for ``jax.make_array_from_process_local_data`` when the batch axis is split over hosts in process order.
-
 Example:
     >>> examples, stats = build_train_examples(cfg, tokenizer)
-    >>> batches = TrainIterator(examples, cfg, pad_token_id(tokenizer))
-    >>> batch = next(batches)  # {"input_ids", "attention_mask", "target_mask"}: int32 [B, T]
+    >>> examples[0].input_ids, examples[0].target_mask     # int32 [T] each
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from lora_merge_jax.data import DataConfig, normalise_text, read_records
+from lora_merge_jax.data.records import DataConfig, normalise_text, read_records
 
 _INPUT_MARK, _TARGET_MARK = "\ue000INPUT\ue000", "\ue000TARGET\ue000"
 _CHUNK = 256  # records tokenised per tokenizer call
@@ -267,135 +255,3 @@ def max_target_tokens(examples: Sequence[TokenizedExample]) -> int:
     """The most target tokens (summary and end tokens) of any example: a bound for
     ``train_step.make_train_step(max_target_tokens=...)``."""
     return max((int(e.target_mask.sum()) for e in examples), default=0)
-
-
-def bucket_length(length: int, buckets: Sequence[int], max_length: int) -> int:
-    """The smallest of ``buckets`` (then ``max_length``) that holds ``length`` tokens."""
-    for bucket in (*buckets, max_length):
-        if length <= bucket:
-            return bucket
-    raise ValueError(f"a sequence of {length} tokens is longer than max_length={max_length}")
-
-
-def pad_batch(sequences: Sequence[np.ndarray], length: int, pad_id: int, *,
-              masks: Sequence[np.ndarray] | None = None, side: str = "right") -> dict[str, np.ndarray]:
-    """Pads token id sequences to ``[len(sequences), length]`` int32 arrays.
-
-    Returns ``input_ids`` and ``attention_mask`` (1 on real tokens), plus ``target_mask`` when ``masks``
-    is given. ``side`` is "right" (training) or "left" (prompts for generation).
-    """
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    batch = {"input_ids": np.full((len(sequences), length), pad_id, np.int32),
-             "attention_mask": np.zeros((len(sequences), length), np.int32)}
-    if masks is not None:
-        batch["target_mask"] = np.zeros((len(sequences), length), np.int32)
-    for row, ids in enumerate(sequences):
-        span = slice(0, len(ids)) if side == "right" else slice(length - len(ids), length)
-        batch["input_ids"][row, span] = ids
-        batch["attention_mask"][row, span] = 1
-        if masks is not None:
-            batch["target_mask"][row, span] = masks[row]
-    return batch
-
-
-def _host_rows(batch_size: int, process_index: int, process_count: int) -> slice:
-    if not 0 <= process_index < process_count or batch_size % process_count:
-        raise ValueError(f"need 0 <= process_index ({process_index}) < process_count ({process_count}) and "
-                         f"batch_size ({batch_size}) divisible by process_count")
-    per_host = batch_size // process_count
-    return slice(process_index * per_host, (process_index + 1) * per_host)
-
-
-class TrainIterator:
-    """Endless (or ``num_epochs``-long) iterator of padded training batches that can resume exactly.
-
-    Args:
-        examples: the tokenised training set, identical on every host.
-        cfg: supplies batch_size (global), shuffle_seed, length_buckets, max_length.
-        pad_id: the padding token id, e.g. ``pad_token_id(tokenizer)``.
-        process_index: this host's index; it gets rows [p * B/P, (p + 1) * B/P) of each global batch.
-        process_count: the number of hosts P; must divide batch_size.
-        num_epochs: stop after this many epochs; None runs forever.
-
-    Example:
-        >>> it = TrainIterator(examples, cfg, pad_id)
-        >>> batch = next(it); saved = it.state()   # goes into the checkpoint
-        >>> resumed = TrainIterator(examples, cfg, pad_id); resumed.restore(saved)
-    """
-
-    def __init__(self, examples: Sequence[TokenizedExample], cfg: DataConfig, pad_id: int, *,
-                 process_index: int = 0, process_count: int = 1, num_epochs: int | None = None):
-        if len(examples) < cfg.batch_size:
-            raise ValueError(f"{len(examples)} training examples cannot fill one batch of {cfg.batch_size}")
-        self.examples, self.cfg, self.pad_id, self.num_epochs = examples, cfg, pad_id, num_epochs
-        self._rows = _host_rows(cfg.batch_size, process_index, process_count)
-        self._lengths = np.array([len(e.input_ids) for e in examples])
-        self._epoch, self._batch_index = 0, 0
-        self._order_epoch, self._order = -1, np.arange(0)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Full global batches per epoch (the last partial batch is dropped)."""
-        return len(self.examples) // self.cfg.batch_size
-
-    def _identity(self) -> dict[str, int]:
-        return {"shuffle_seed": self.cfg.shuffle_seed, "num_examples": len(self.examples),
-                "batch_size": self.cfg.batch_size}
-
-    def state(self) -> dict[str, int]:
-        """The position of the next batch, plus what it is only valid for; plain ints, for checkpoints."""
-        return {"epoch": self._epoch, "batch_index": self._batch_index, **self._identity()}
-
-    def restore(self, state: Mapping[str, Any]) -> None:
-        """Continues from a ``state()``; refuses one saved for a different data set, seed or batch size."""
-        for key, value in self._identity().items():
-            if int(state[key]) != value:
-                raise ValueError(f"iterator state has {key}={state[key]}, this iterator has {value}")
-        if not 0 <= int(state["batch_index"]) <= self.steps_per_epoch:
-            raise ValueError(f"iterator state batch_index={state['batch_index']} is outside 0.."
-                             f"{self.steps_per_epoch}")
-        self._epoch, self._batch_index = int(state["epoch"]), int(state["batch_index"])
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The example order of ``epoch``, the same on every host and after every restore."""
-        if epoch != self._order_epoch:
-            rng = np.random.default_rng([self.cfg.shuffle_seed, epoch])
-            self._order_epoch, self._order = epoch, rng.permutation(len(self.examples))
-        return self._order
-
-    def __iter__(self) -> TrainIterator:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self._batch_index >= self.steps_per_epoch:
-            self._epoch, self._batch_index = self._epoch + 1, 0
-        if self.num_epochs is not None and self._epoch >= self.num_epochs:
-            raise StopIteration
-        size = self.cfg.batch_size
-        rows = self.epoch_order(self._epoch)[self._batch_index * size:(self._batch_index + 1) * size]
-        length = bucket_length(int(self._lengths[rows].max()), self.cfg.length_buckets, self.cfg.max_length)
-        self._batch_index += 1
-        local = [self.examples[i] for i in rows[self._rows]]
-        return pad_batch([e.input_ids for e in local], length, self.pad_id, masks=[e.target_mask for e in local])
-
-
-def eval_batches(examples: Sequence[EvalExample], cfg: DataConfig, pad_id: int, *, padding_side: str = "left",
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """Fixed-shape batches of prompts, in order, for generation; the last partial batch is kept.
-
-    Each batch has ``input_ids`` and ``attention_mask`` int32 [B/P, T] (T a bucket of the longest prompt of
-    the global batch) and ``example_index`` int32 [B/P]: the index into ``examples`` whose references
-    score the row, or -1 on rows that only fill the last batch (they repeat a real prompt, so no row is
-    all padding). Left padding by default, so every prompt ends at the last position.
-    """
-    rows = _host_rows(cfg.batch_size, process_index, process_count)
-    for start in range(0, len(examples), cfg.batch_size):
-        index = np.arange(start, start + cfg.batch_size)
-        index[index >= len(examples)] = -1
-        chosen = np.where(index >= 0, index, start)
-        length = bucket_length(max(len(examples[i].prompt_ids) for i in chosen), cfg.length_buckets,
-                               cfg.max_length)
-        batch = pad_batch([examples[i].prompt_ids for i in chosen[rows]], length, pad_id, side=padding_side)
-        batch["example_index"] = index[rows].astype(np.int32)
-        yield batch

@@ -12,7 +12,7 @@ Example:
     >>> tok = train_bpe_tokenizer(texts, vocab_size=4096)
     >>> rows_NxT = pack_documents([tok(t, add_special_tokens=False)["input_ids"] for t in texts], 256,
     ...                           tok.eos_token_id)
-    >>> weights, losses = pretrain(cfg, model_lib.init_random(cfg, key, mesh=mesh), rows_NxT, steps=1000)
+    >>> weights, losses = pretrain(cfg, weights_lib.init_random(cfg, key, mesh=mesh), rows_NxT, steps=1000)
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_merge_jax import losses
-from lora_merge_jax import model as model_lib
-from lora_merge_jax.model_config import ModelConfig
-
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0-3, as the embedded tiny tokenizer
+from lora_merge_jax.models import decoder, losses
+from lora_merge_jax.models import weights as weights_lib
+from lora_merge_jax.models.config import ModelConfig
+from lora_merge_jax.tiny import SPECIAL_TOKENS
+from lora_merge_jax.training.optim import OptimConfig, make_optimizer
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Any:
@@ -76,22 +76,12 @@ def pack_documents(documents: Sequence[Sequence[int]], seq_len: int, eos_id: int
     return np.asarray(stream[: rows * seq_len], np.int32).reshape(rows, seq_len)
 
 
-def make_optimizer(learning_rate: float, steps: int, warmup: int, weight_decay: float = 0.1,
-                   clip_norm: float = 1.0) -> optax.GradientTransformation:
-    """AdamW with linear warmup and cosine decay to 10% of the peak; no decay on norm scales (vectors)."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup, 1), max(steps, warmup + 1),
-                                                  end_value=0.1 * learning_rate)
-    decay_mask = lambda weights: jax.tree.map(lambda w: w.ndim >= 2, weights)  # noqa: E731
-    return optax.chain(optax.clip_by_global_norm(clip_norm),
-                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay, mask=decay_mask))
-
-
 def make_pretrain_step(cfg: ModelConfig, tx: optax.GradientTransformation, compute_dtype: Any = None
-                       ) -> Callable[[model_lib.Weights, Any, jax.Array], tuple[model_lib.Weights, Any, jax.Array]]:
+                       ) -> Callable[[weights_lib.Weights, Any, jax.Array], tuple[weights_lib.Weights, Any, jax.Array]]:
     """``step(weights, opt_state, ids_BxT) -> (weights, opt_state, mean NLL)``, jitted with donation."""
 
-    def loss_fn(weights: model_lib.Weights, ids_BxT: jax.Array) -> jax.Array:
-        logits_BxTxV, _ = model_lib.apply_model(cfg, weights, ids_BxT, compute_dtype=compute_dtype)
+    def loss_fn(weights: weights_lib.Weights, ids_BxT: jax.Array) -> jax.Array:
+        logits_BxTxV, _ = decoder.apply_model(cfg, weights, ids_BxT, compute_dtype=compute_dtype)
         every_token_BxT = jnp.ones_like(ids_BxT)
         return losses.mean_token_nll(logits_BxTxV, ids_BxT, every_token_BxT)
 
@@ -103,15 +93,18 @@ def make_pretrain_step(cfg: ModelConfig, tx: optax.GradientTransformation, compu
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def pretrain(cfg: ModelConfig, weights: model_lib.Weights, rows_NxT: np.ndarray, *, steps: int, batch_size: int,
+def pretrain(cfg: ModelConfig, weights: weights_lib.Weights, rows_NxT: np.ndarray, *, steps: int, batch_size: int,
              learning_rate: float = 3e-3, warmup: int | None = None, seed: int = 0, compute_dtype: Any = None,
-             log: Callable[[str], None] = print, log_every: int = 50) -> tuple[model_lib.Weights, list[float]]:
+             log: Callable[[str], None] = print, log_every: int = 50) -> tuple[weights_lib.Weights, list[float]]:
     """Trains every base weight on packed rows for ``steps`` AdamW steps (epochs reshuffled by ``seed``).
 
     Returns:
         (the trained weights, the loss of every step).
     """
-    tx = make_optimizer(learning_rate, steps, warmup if warmup is not None else max(steps // 20, 1))
+    warmup = warmup if warmup is not None else max(steps // 20, 1)
+    # AdamW with cosine decay to 10% of the peak; matrices decayed, norm scales (vectors) not.
+    tx = make_optimizer(OptimConfig(learning_rate=learning_rate, warmup_steps=warmup, end_learning_rate_ratio=0.1,
+                                    weight_decay=0.1, b2=0.95), max(steps, warmup + 1))
     opt_state = tx.init(weights)
     step_fn = make_pretrain_step(cfg, tx, compute_dtype)
     per_epoch = max(len(rows_NxT) // batch_size, 1)

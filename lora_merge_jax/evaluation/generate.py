@@ -33,11 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
-from lora_merge_jax import model as model_lib
 from lora_merge_jax import sharding
-from lora_merge_jax.model_config import ModelConfig
+from lora_merge_jax.data.batching import bucket_length
+from lora_merge_jax.models import decoder
+from lora_merge_jax.models import weights as weights_lib
+from lora_merge_jax.models.config import ModelConfig
 
 Array = jax.Array
 NEG = -1.0e9  # transformers' finite "impossible" beam score; finite so sums and comparisons stay exact
@@ -97,22 +99,6 @@ class _Beams:
     improvable_B: Array  # transformers' is_early_stop_heuristic_unsatisfied
 
 
-def bucket_length(n: int, minimum: int) -> int:
-    """Padded prompt length: ``minimum`` for short prompts, else n rounded up to at most +25%.
-
-    Steps are ``max(minimum, 2 ** (bit_length(n - 1) - 3))``, so there are a bounded number of buckets per
-    octave and at most a quarter of the prefill is padding.
-
-    Example:
-        >>> bucket_length(9, 16), bucket_length(100, 64), bucket_length(1100, 64)
-        (16, 128, 1280)
-    """
-    if n <= minimum:
-        return minimum
-    step = max(minimum, 1 << max((n - 1).bit_length() - 3, 0))
-    return -(-n // step) * step
-
-
 def filter_logits(logits_BxV: Array, temperature: float | Array = 1.0, top_k: int = 0,
                   top_p: float | Array = 1.0) -> Array:
     """Temperature, then top-k, then nucleus (top-p) filtering, in transformers' order; removed -> -inf.
@@ -148,26 +134,26 @@ def _is_eos(tokens: Array, d: DecodeParams) -> Array:
     return jnp.any(tokens[..., None] == d.eos_E, axis=-1)
 
 
-def _prefill(cfg: ModelConfig, weights: model_lib.Weights, deltas: Any, ids_BxP: Array, mask_BxP: Array,
+def _prefill(cfg: ModelConfig, weights: weights_lib.Weights, deltas: Any, ids_BxP: Array, mask_BxP: Array,
              cache_len: int, compute_dtype: Any, cache_sharding: NamedSharding) -> tuple[Array, Any, Array, Array]:
     """Runs the prompt through the model; returns last-position logits, the cache, slot mask, next positions."""
     b, p = ids_BxP.shape
-    cache = model_lib.init_cache(cfg, b, cache_len, compute_dtype or weights.embed_VxD.dtype)
+    cache = weights_lib.init_cache(cfg, b, cache_len, compute_dtype or weights.embed_VxD.dtype)
     cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
     mask_BxS = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(mask_BxP)
     positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
-    hidden_BxPxD, cache = model_lib.apply_model(
+    hidden_BxPxD, cache = decoder.apply_model(
         cfg, weights, ids_BxP, deltas=deltas, attention_mask_BxS=mask_BxS, positions_BxT=positions_BxP,
         cache=cache, cache_index=0, compute_dtype=compute_dtype, return_hidden=True)
-    logits_BxV = model_lib.lm_logits(weights, hidden_BxPxD[:, -1:])[:, 0]  # never [B, P, V]
+    logits_BxV = decoder.lm_logits(weights, hidden_BxPxD[:, -1:])[:, 0]  # never [B, P, V]
     return logits_BxV, cache, mask_BxS, jnp.sum(mask_BxP, axis=1)
 
 
-def _decode_one(cfg: ModelConfig, weights: model_lib.Weights, deltas: Any, tokens_R: Array, cache: Any,
+def _decode_one(cfg: ModelConfig, weights: weights_lib.Weights, deltas: Any, tokens_R: Array, cache: Any,
                 mask_RxS: Array, slot: Array, positions_R: Array, compute_dtype: Any) -> tuple[Array, Any, Array]:
     """Feeds one token per row at cache ``slot``; returns its logits [R, V], the cache and the slot mask."""
     mask_RxS = jax.lax.dynamic_update_slice_in_dim(mask_RxS, jnp.ones((mask_RxS.shape[0], 1), jnp.int32), slot, 1)
-    logits_Rx1xV, cache = model_lib.apply_model(
+    logits_Rx1xV, cache = decoder.apply_model(
         cfg, weights, tokens_R[:, None], deltas=deltas, attention_mask_BxS=mask_RxS,
         positions_BxT=positions_R[:, None], cache=cache, cache_index=slot, compute_dtype=compute_dtype)
     return logits_Rx1xV[:, 0], cache, mask_RxS
@@ -312,11 +298,9 @@ def _generate_jit(cfg, settings, params, compute_dtype, cache_shardings, weights
 
 def _cache_sharding(model: Any, rows: int) -> NamedSharding:
     """[L, rows, S, K, Hd]: rows over the batch axes and kv heads over ``tensor`` when they divide."""
-    mesh, cfg = model.mesh, model.config
-    batch = sharding.SHARDING_RULES["batch"] if rows % sharding.mesh_axis_size(mesh, "batch") == 0 else None
-    kv_ok = cfg.num_key_value_heads % sharding.mesh_axis_size(mesh, "kv_heads") == 0
-    heads = sharding.SHARDING_RULES["kv_heads"] if kv_ok else None
-    return NamedSharding(mesh, PartitionSpec(None, batch, None, heads, None))
+    cfg = model.config
+    shape = (cfg.num_hidden_layers, rows, 1, cfg.num_key_value_heads, cfg.head_dim)
+    return sharding.named_sharding(model.mesh, sharding.fit_axes(model.mesh, shape, (None, "batch", None, "kv_heads", None)))
 
 
 def default_eos_token_ids(model: Any) -> tuple[int, ...]:
@@ -385,8 +369,10 @@ def generate_detailed(model: Any, prompts: Sequence[Sequence[int]], adapter: Any
         temperature=jnp.float32(temperature), top_p=jnp.float32(top_p), length_penalty=jnp.float32(length_penalty),
         stop_when_full=jnp.bool_(early_stopping is True), never_stop_early=jnp.bool_(early_stopping == "never"))
 
-    length = bucket_length(max(map(len, prompts)), prompt_bucket)
+    length = bucket_length(max(map(len, prompts)), minimum=prompt_bucket)
     batch = 1 << (len(prompts) - 1).bit_length() if bucket_batch else len(prompts)
+    shards = sharding.batch_shards(model.mesh)
+    batch = -(-batch // shards) * shards  # filler rows (inactive) so that the batch axes divide the batch
     ids_BxP = np.full((batch, length), pad, np.int32)
     mask_BxP = np.zeros((batch, length), np.int32)
     mask_BxP[len(prompts):, -1] = 1  # filler rows get one token so that no attention row is fully masked
@@ -394,9 +380,8 @@ def generate_detailed(model: Any, prompts: Sequence[Sequence[int]], adapter: Any
         ids_BxP[i, length - len(prompt):] = prompt
         mask_BxP[i, length - len(prompt):] = 1
     active_B = np.arange(batch) < len(prompts)
-    shard = sharding.batch_sharding(model.mesh, batch)
-    ids_BxP, mask_BxP, active_B = (jax.device_put(x, shard if x.ndim == 2 else sharding.batch_sharding(
-        model.mesh, batch, ndim=1)) for x in (ids_BxP, mask_BxP, active_B))
+    ids_BxP, mask_BxP, active_B = (jax.device_put(x, sharding.batch_sharding(model.mesh, batch, x.ndim))
+                                   for x in (ids_BxP, mask_BxP, active_B))
     rows = batch * (num_beams if method == "beam" else 1)
     with jax.set_mesh(model.mesh):  # traced with the mesh set: the model pins activations to the batch axes
         tokens_BxN, lengths_B, logits_BxNxV = _generate_jit(
@@ -425,7 +410,7 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], adapter: Any = None, 
     """New tokens for each prompt (token ids), by greedy decoding, sampling or beam search.
 
     Args:
-        model: a ``pretrained.Model`` (config, weights, mesh, compute_dtype; tokenizer/path for EOS defaults).
+        model: a ``models.model.Model`` (config, weights, mesh, compute_dtype; tokenizer/path for EOS defaults).
         prompts: token ids per prompt, of any lengths (left-padded internally).
         adapter: any adapter with ``.deltas(cfg)`` (LoRA, MELoRA, a merge), or None for the base model.
         max_new_tokens, min_new_tokens: bounds on the new tokens (EOS is masked out before the minimum).
@@ -433,7 +418,7 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], adapter: Any = None, 
             "beam" (``num_beams``, ``length_penalty``, ``early_stopping`` False / True / "never", as transformers).
         eos_token_ids: stop tokens (default: config.json, generation_config.json and the tokenizer's EOS).
         pad_token_id: filler id (default: config, tokenizer, first EOS); invisible in the output.
-        prompt_bucket: prompts pad to ``bucket_length(longest, prompt_bucket)`` so lengths share compiles.
+        prompt_bucket: prompts pad to ``bucket_length(longest, minimum=prompt_bucket)`` so lengths share compiles.
         bucket_batch: pad the batch to a power of two, for the same reason.
 
     Returns:

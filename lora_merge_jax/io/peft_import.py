@@ -1,24 +1,14 @@
-"""PEFT LoRA adapters in and out: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+"""PEFT LoRA adapters in: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
 
-Import (``load_peft_adapter``) first applies PEFT's own matching rules (``targets.py``) to the config to
+``load_peft_adapter`` first applies PEFT's own matching rules (``adapters/targets.py``) to the config to
 decide which (projection, layer) pairs are adapted, then requires the safetensors file to hold exactly
 those modules' ``lora_A`` [r, in] and ``lora_B`` [out, r], at the rank the config gives each module.
 Anything PEFT can express but our forward does not compute (DoRA, LoRA biases, ``modules_to_save``,
 embedding targets, initialisations that rewrite the base weights...) is refused with the offending key
 named, never silently dropped. Pickled ``adapter_model.bin`` files are never read.
 
-Export (``save_peft_adapter``) works for every adapter type through ``lowrank_factors``: each projection's
-delta becomes a plain LoRA of its padded rank R per layer. A MELoRA becomes a rank N*R LoRA with
-block-diagonal factors; gains that differ across rank components (MELoRA blocks with different
-alpha_i/r_i, a merged adapter's c_k*s_k) are folded into B and that layer's scale set to 1. Ranks and
-scales that differ between modules are written as ``rank_pattern``/``alpha_pattern`` entries keyed by the
-escaped full module path (PEFT matches keys with ``(.*\\.)?(key)$``, so ``layers\\.1\\.`` never hits layer
-11), and layer sets that differ between projections become a ``target_modules`` regex, because PEFT's
-``layers_to_transform`` is global. PEFT therefore reproduces our logits exactly, not approximately.
-
 Example:
     >>> adapter = load_peft_adapter("adapters/summarise", model)
-    >>> save_peft_adapter(adapter, "out/summarise", model)   # PeftModel.from_pretrained(hf_model, "out/...")
 """
 
 from __future__ import annotations
@@ -26,23 +16,20 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from lora_merge_jax.adapters import common, targets
-from lora_merge_jax.adapters.deltas import BlockDelta, LowRankDelta
 from lora_merge_jax.adapters.lora import LoraAdapter, lora_scale
-from lora_merge_jax.model_config import PROJECTIONS, ModelConfig
-from lora_merge_jax.pretrained import Model, save_pretrained
-from lora_merge_jax.safetensors_io import SafetensorsFile, write_safetensors
+from lora_merge_jax.io.safetensors import SafetensorsFile
+from lora_merge_jax.models.config import PROJECTIONS, ModelConfig
+from lora_merge_jax.models.model import Model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_KEY_PREFIX = "base_model.model."
+KEY_PREFIX = "base_model.model."
 # PEFT's default target_modules for llama, mistral and qwen2 (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 _PEFT_DEFAULT_TARGETS = ("q_proj", "v_proj")
 
@@ -60,12 +47,6 @@ _UNSUPPORTED = {
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _FACTOR_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.(?P<factor>lora_[AB])(?:\.(?P<name>[^.]+))?\.weight")
 _LAYER_MODULE = re.compile(r"model\.layers\.(?P<layer>\d+)\.\w+\.(?P<proj>\w+)")
-
-LowRankFactors = tuple[np.ndarray, np.ndarray, np.ndarray]
-"""(A [L, in, R], B [L, R, out], scale [L]) float32: delta_W[l] = scale[l] * A[l] @ B[l]; scale 0 = not adapted."""
-
-
-# ----------------------------------------------------------------------------------------------- import
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
@@ -229,7 +210,7 @@ def load_peft_adapter(path: str | os.PathLike, model: Model) -> LoraAdapter:
             keys, rank = found.get((proj, i), {}), ranks[i]
             if "lora_A" not in keys:
                 raise ValueError(f"{weights_file}: no lora_A for '{module}', which {conf_file} targets "
-                                 f"(expected '{_KEY_PREFIX}{module}.lora_A.weight')")
+                                 f"(expected '{KEY_PREFIX}{module}.lora_A.weight')")
             if "lora_B" not in keys:
                 raise ValueError(f"{weights_file}: '{keys['lora_A']}' has no matching lora_B "
                                  f"(expected '{keys['lora_A'].replace('.lora_A', '.lora_B')}')")
@@ -242,166 +223,9 @@ def load_peft_adapter(path: str | os.PathLike, model: Model) -> LoraAdapter:
     return common.place(adapter, cfg, model.mesh)
 
 
-# ----------------------------------------------------------------------------------------------- export
-
-
-def _block_diagonal(delta: BlockDelta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """MELoRA blocks as one LoRA of rank N*R: A [L, D, N*R], B [L, N*R, F] block-diagonal, gain [L, N*R]."""
-    a, b, gain = (np.asarray(jax.device_get(x), np.float32) for x in (delta.a_NxDnxR, delta.b_NxRxFn, delta.gain_NxR))
-    layers, n, dn, r = a.shape
-    fn = b.shape[-1]
-    a_full = np.zeros((layers, n * dn, n * r), np.float32)
-    b_full = np.zeros((layers, n * r, n * fn), np.float32)
-    for i in range(n):
-        a_full[:, i * dn:(i + 1) * dn, i * r:(i + 1) * r] = a[:, i]
-        b_full[:, i * r:(i + 1) * r, i * fn:(i + 1) * fn] = b[:, i]
-    return a_full, b_full, gain.reshape(layers, n * r)
-
-
-def _fold_gain(a: np.ndarray, b: np.ndarray, gain_LxR: np.ndarray) -> LowRankFactors:
-    """One scale per layer: a uniform positive gain is the scale; otherwise gain goes into B and scale is 1."""
-    b = b.copy()
-    scale_L = np.zeros(gain_LxR.shape[0], np.float32)
-    for layer, gain_R in enumerate(gain_LxR):
-        if not gain_R.any():
-            continue  # not adapted in this layer
-        if gain_R[0] > 0 and np.all(gain_R == gain_R[0]):
-            scale_L[layer] = gain_R[0]
-        else:
-            scale_L[layer] = 1.0
-            b[layer] = gain_R[:, None] * b[layer]
-    return a, b, scale_L
-
-
-def lowrank_factors(adapter: Any, cfg: ModelConfig) -> dict[str, LowRankFactors]:
-    """Every projection's delta of any adapter as exact per-layer LoRA factors.
-
-    Works from ``adapter.deltas(cfg)``, so it serves LoRA, MELoRA (block-diagonal, rank N*R) and any later
-    adapter whose deltas are ``LowRankDelta`` or ``BlockDelta``.
-
-    Args:
-        adapter: any adapter with ``deltas(cfg)``.
-        cfg: the base model's architecture.
-
-    Returns:
-        projection -> (A [L, in, R], B [L, R, out], scale [L]) float32 numpy arrays on the host, with
-        ``delta_W[l] == scale[l] * A[l] @ B[l]``; scale is 0 in layers the adapter leaves alone.
-
-    Example:
-        >>> a, b, scale = lowrank_factors(melora, model.config)["q_proj"]   # rank N*R, block-diagonal
-    """
-    out = {}
-    for proj, delta in adapter.deltas(cfg).items():
-        if isinstance(delta, LowRankDelta):
-            a, b, gain = (np.asarray(jax.device_get(x), np.float32) for x in (delta.a_DxR, delta.b_RxF, delta.gain_R))
-            gain = np.broadcast_to(gain, a.shape[::2])
-        elif isinstance(delta, BlockDelta):
-            a, b, gain = _block_diagonal(delta)
-        else:
-            raise TypeError(f"{proj}: a {type(delta).__name__} delta cannot be written as LoRA factors")
-        out[proj] = _fold_gain(a, b, gain)
-    return out
-
-
-def _target_spec(layer_sets: dict[str, list[int]], num_layers: int) -> tuple[list[str] | str, list[int] | None]:
-    """(target_modules, layers_to_transform) selecting exactly ``layer_sets`` under PEFT's rules."""
-    first = next(iter(layer_sets.values()))
-    if all(ids == first for ids in layer_sets.values()):
-        return list(layer_sets), (None if len(first) == num_layers else first)
-    alternatives = []
-    for proj, ids in layer_sets.items():
-        head, tail = targets.module_path(0, proj).split(".0.", 1)  # model.layers | self_attn.q_proj
-        alternatives.append(rf"{re.escape(head)}\.({'|'.join(map(str, ids))})\.{re.escape(tail)}")
-    return "(?:" + "|".join(alternatives) + ")", None
-
-
-def _alpha(scale: np.float32, rank: int) -> float:
-    """lora_alpha for which PEFT's float32 scale alpha / rank is exactly ``scale``, rounded when that stays exact."""
-    exact = float(scale) * rank  # a float32 times a small int: exact in a double, and so is exact / rank
-    nice = round(exact, 6)
-    return nice if np.float32(nice / rank) == scale else exact
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def save_peft_adapter(adapter: Any, path: str | os.PathLike, model: Model,
-                      base_model_name_or_path: str | None = None) -> Path:
-    """Writes any adapter as a PEFT LoRA directory that ``PeftModel.from_pretrained`` loads exactly.
-
-    Args:
-        adapter: a LoraAdapter, MeloraAdapter or any adapter with ``deltas(cfg)``.
-        path: output directory (created; files are replaced atomically).
-        model: the base model (architecture and default ``base_model_name_or_path``).
-        base_model_name_or_path: recorded in the config for ``AutoPeftModel`` (default: ``model.path``).
-
-    Returns:
-        The output directory.
-
-    Raises:
-        FileExistsError: ``path`` exists and is not a directory.
-        ValueError: the adapter adapts nothing.
-
-    Example:
-        >>> save_peft_adapter(adapter, "out/adapter", model)
-        >>> peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "out/adapter")
-    """
-    path, cfg = Path(path), model.config
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path}: exists and is not a directory")
-    tensors: list[tuple[str, np.ndarray]] = []
-    layer_sets: dict[str, list[int]] = {}
-    rank_alpha: dict[str, tuple[int, float]] = {}  # module path -> (rank, alpha) with alpha / rank == scale
-    factors = lowrank_factors(adapter, cfg)
-    for proj in [p for p in PROJECTIONS if p in factors]:  # a stable order, whatever the adapter's dict order
-        a, b, scale = factors[proj]
-        ids = [i for i in range(cfg.num_hidden_layers) if scale[i] != 0]
-        if not ids:
-            continue
-        layer_sets[proj] = ids
-        rank = a.shape[-1]
-        for i in ids:
-            module = targets.module_path(i, proj)
-            tensors.append((f"{_KEY_PREFIX}{module}.lora_A.weight", np.ascontiguousarray(a[i].T)))
-            tensors.append((f"{_KEY_PREFIX}{module}.lora_B.weight", np.ascontiguousarray(b[i].T)))
-            rank_alpha[module] = (rank, _alpha(scale[i], rank))
-    if not tensors:
-        raise ValueError(f"{type(adapter).__name__}: every scale is 0, so there is no adapter to export")
-    target_modules, layers_to_transform = _target_spec(layer_sets, cfg.num_hidden_layers)
-    rank = Counter(r for r, _ in rank_alpha.values()).most_common(1)[0][0]
-    alpha = Counter(al for _, al in rank_alpha.values()).most_common(1)[0][0]
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or model.path,
-        "r": rank, "lora_alpha": alpha, "use_rslora": False,
-        "target_modules": target_modules, "layers_to_transform": layers_to_transform, "layers_pattern": None,
-        "rank_pattern": {re.escape(m): r for m, (r, _) in rank_alpha.items() if r != rank},
-        "alpha_pattern": {re.escape(m): al for m, (_, al) in rank_alpha.items() if al != alpha},
-        "lora_dropout": float(getattr(adapter, "dropout", 0.0)),
-        "bias": "none", "use_dora": False, "lora_bias": False, "modules_to_save": None, "fan_in_fan_out": False,
-        "init_lora_weights": True, "inference_mode": True,
-    }
-    path.mkdir(parents=True, exist_ok=True)
-    write_safetensors(path / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-    _write_json(path / CONFIG_NAME, config)
+def adapter_dir(path: str | os.PathLike) -> Path:
+    """A PEFT adapter directory, or a run directory whose ``adapter/`` holds one."""
+    path = Path(path)
+    if (path / "adapter" / CONFIG_NAME).exists():
+        return path / "adapter"
     return path
-
-
-def save_merged_model(model: Model, adapter: Any, path: str | os.PathLike) -> Path:
-    """Writes base + adapter folded into one Hugging Face checkpoint that transformers loads directly.
-
-    Args:
-        model: the base model (config, tokenizer and weights).
-        adapter: any adapter; ``fold`` adds its delta-W to the base weights, in their dtype.
-        path: output directory (created).
-
-    Returns:
-        The output directory.
-
-    Example:
-        >>> save_merged_model(model, adapter, "out/merged")
-        >>> AutoModelForCausalLM.from_pretrained("out/merged")
-    """
-    return save_pretrained(model, path, weights=common.fold(model, adapter))

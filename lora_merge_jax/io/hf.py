@@ -9,8 +9,6 @@ host. ``save_pretrained`` writes the reverse mapping, so transformers loads what
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import os
 from collections.abc import Iterator
@@ -22,10 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from lora_merge_jax import model as model_lib
 from lora_merge_jax import sharding
-from lora_merge_jax.model_config import ModelConfig, from_hf_config
-from lora_merge_jax.safetensors_io import CheckpointFiles, write_safetensors
+from lora_merge_jax.adapters.common import fold
+from lora_merge_jax.io.safetensors import CheckpointFiles, write_safetensors
+from lora_merge_jax.models import weights as weights_lib
+from lora_merge_jax.models.config import PROJECTIONS, ModelConfig, from_hf_config
+from lora_merge_jax.models.model import Model
 
 Array = jax.Array
 
@@ -36,32 +36,19 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-@dataclasses.dataclass
-class Model:
-    """A loaded base model: architecture, frozen weights on a mesh, and its tokenizer when present."""
-
-    config: ModelConfig
-    weights: model_lib.Weights
-    mesh: Mesh
-    hf_config: Any  # the transformers config, kept to write it back on export
-    tokenizer: Any | None = None
-    compute_dtype: Any = None  # activations' dtype; None = the weights' dtype
-    path: str | None = None
-
-
-def hf_names(cfg: ModelConfig) -> model_lib.Weights:
+def hf_names(cfg: ModelConfig) -> weights_lib.Weights:
     """The transformers tensor name(s) behind every weight: a tuple over layers for stacked weights."""
 
     def per_layer(fmt: str) -> tuple[str, ...]:
         return tuple(fmt.format(i=i) for i in range(cfg.num_hidden_layers))
 
-    layers = model_lib.LayerWeights(
+    layers = weights_lib.LayerWeights(
         attn_norm_LxD=per_layer("model.layers.{i}.input_layernorm.weight"),
         mlp_norm_LxD=per_layer("model.layers.{i}.post_attention_layernorm.weight"),
-        proj={p: per_layer(f"model.layers.{{i}}.{_HF_PROJ_PREFIX[p]}.{p}.weight") for p in model_lib.PROJECTIONS},
+        proj={p: per_layer(f"model.layers.{{i}}.{_HF_PROJ_PREFIX[p]}.{p}.weight") for p in PROJECTIONS},
         bias={p: per_layer(f"model.layers.{{i}}.{_HF_PROJ_PREFIX[p]}.{p}.bias") for p in cfg.biased_projections},
     )
-    return model_lib.Weights(
+    return weights_lib.Weights(
         embed_VxD="model.embed_tokens.weight",
         layers=layers,
         final_norm_D="model.norm.weight",
@@ -73,7 +60,7 @@ def _is_name(x: Any) -> bool:
     return isinstance(x, (str, tuple))
 
 
-def _transposed(spec: model_lib.ParamSpec) -> bool:
+def _transposed(spec: weights_lib.ParamSpec) -> bool:
     # transformers' Linear stores [out, in]; we keep [in, out] so that x @ W reads left to right.
     return len(spec.shape) == 3 or spec.axes == ("embed", "vocab")
 
@@ -121,9 +108,9 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: Mes
     cfg = from_hf_config(hf_config, source=str(path / "config.json"))
     mesh = mesh or sharding.make_mesh()
     files = CheckpointFiles(path)
-    specs = model_lib.describe(cfg)
+    specs = weights_lib.describe(cfg)
     names = hf_names(cfg)
-    shards = model_lib.shardings(cfg, mesh)
+    shards = weights_lib.shardings(cfg, mesh)
     np_dtype = np.dtype(jnp.dtype(dtype))
 
     expected: set[str] = set()
@@ -146,7 +133,7 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: Mes
             raise ValueError(f"{file}: tensor '{name}' has shape {tuple(arr.shape)}, expected {want} from config.json")
         return arr
 
-    def load(spec: model_lib.ParamSpec, name: str | tuple[str, ...], shard: jax.sharding.Sharding) -> Array:
+    def load(spec: weights_lib.ParamSpec, name: str | tuple[str, ...], shard: jax.sharding.Sharding) -> Array:
         stacked = isinstance(name, tuple)
         per_shape = spec.shape[1:] if stacked else spec.shape
         hf_shape = per_shape[::-1] if _transposed(spec) else per_shape
@@ -161,7 +148,7 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: Mes
 
         return jax.make_array_from_callback(spec.shape, shard, callback)
 
-    weights = jax.tree.map(load, specs, names, shards, is_leaf=lambda x: isinstance(x, model_lib.ParamSpec))
+    weights = jax.tree.map(load, specs, names, shards, is_leaf=lambda x: isinstance(x, weights_lib.ParamSpec))
     tokenizer = None
     if load_tokenizer and any((path / f).exists() for f in TOKENIZER_FILES):
         import transformers
@@ -170,9 +157,9 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: Mes
     return Model(cfg, weights, mesh, hf_config, tokenizer, compute_dtype, str(path))
 
 
-def _hf_tensors(cfg: ModelConfig, weights: model_lib.Weights, dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
-    specs = model_lib.describe(cfg)
-    is_spec = lambda x: isinstance(x, model_lib.ParamSpec)  # noqa: E731
+def _hf_tensors(cfg: ModelConfig, weights: weights_lib.Weights, dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
+    specs = weights_lib.describe(cfg)
+    is_spec = lambda x: isinstance(x, weights_lib.ParamSpec)  # noqa: E731
     flat_specs = jax.tree.leaves(specs, is_leaf=is_spec)
     flat_names = jax.tree.leaves(hf_names(cfg), is_leaf=_is_name)
     flat_weights = jax.tree.leaves(weights)
@@ -186,7 +173,7 @@ def _hf_tensors(cfg: ModelConfig, weights: model_lib.Weights, dtype: Any) -> Ite
             yield name, (host.T if _transposed(spec) else host)
 
 
-def save_pretrained(model: Model, path: str | os.PathLike, weights: model_lib.Weights | None = None,
+def save_pretrained(model: Model, path: str | os.PathLike, weights: weights_lib.Weights | None = None,
                     dtype: Any = None, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Writes a Hugging Face checkpoint directory (config, safetensors, tokenizer) that transformers loads.
 
@@ -230,29 +217,19 @@ def save_pretrained(model: Model, path: str | os.PathLike, weights: model_lib.We
     return path
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype"))
-def _forward(cfg, weights, input_ids, adapter, attention_mask, compute_dtype):
-    deltas = None if adapter is None else adapter.deltas(cfg)
-    logits, _ = model_lib.apply_model(cfg, weights, input_ids, deltas=deltas, attention_mask_BxS=attention_mask,
-                                      compute_dtype=compute_dtype)
-    return logits
-
-
-def forward(model: Model, input_ids: Array, adapter: Any = None, attention_mask: Array | None = None) -> Array:
-    """Float32 logits [batch, length, vocab] of the base model, with an adapter applied when given.
+def save_merged_model(model: Model, adapter: Any, path: str | os.PathLike) -> Path:
+    """Writes base + adapter folded into one Hugging Face checkpoint that transformers loads directly.
 
     Args:
-        model: from ``load_pretrained``.
-        input_ids: int array [batch, length].
-        adapter: any adapter (LoRA, MELoRA, merged) or None for the base model.
-        attention_mask: [batch, length], 1 for tokens and 0 for padding.
+        model: the base model (config, tokenizer and weights).
+        adapter: any adapter; ``fold`` adds its delta-W to the base weights, in their dtype.
+        path: output directory (created).
+
+    Returns:
+        The output directory.
 
     Example:
-        >>> logits = forward(model, ids, adapter=init_lora(model.config, key, rank=8))
+        >>> save_merged_model(model, adapter, "out/merged")
+        >>> AutoModelForCausalLM.from_pretrained("out/merged")
     """
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    batch_shard = sharding.batch_sharding(model.mesh, input_ids.shape[0])
-    input_ids = jax.device_put(input_ids, batch_shard)
-    if attention_mask is not None:
-        attention_mask = jax.device_put(jnp.asarray(attention_mask, jnp.int32), batch_shard)
-    return _forward(model.config, model.weights, input_ids, adapter, attention_mask, model.compute_dtype)
+    return save_pretrained(model, path, weights=fold(model, adapter))

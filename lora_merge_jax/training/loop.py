@@ -19,20 +19,27 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from jax.sharding import NamedSharding
 
-from lora_merge_jax import batching, config, optim, tiny, train_step
-from lora_merge_jax.adapters import common, peft_io
+from lora_merge_jax import tiny
+from lora_merge_jax.adapters import common
 from lora_merge_jax.adapters.lora import init_lora
 from lora_merge_jax.adapters.melora import init_melora
-from lora_merge_jax.checkpoint import CheckpointError, Checkpointer, abstract_like
+from lora_merge_jax.data import batching, prompts
+from lora_merge_jax.io import peft_export
+from lora_merge_jax.io import peft_import as peft_io
+from lora_merge_jax.io.hf import load_pretrained
+from lora_merge_jax.io.peft_import import adapter_dir
 from lora_merge_jax.merge import adaptive, pruning
-from lora_merge_jax.pretrained import Model, load_pretrained
+from lora_merge_jax.models.model import Model
 from lora_merge_jax.sharding import make_mesh
-from lora_merge_jax.train_config import TrainConfig
-
-RUN_CONFIG = "run_config.yaml"
+from lora_merge_jax.training import export, optim, run_dir
+from lora_merge_jax.training import step as train_step
+from lora_merge_jax.training.checkpoint import (
+    Checkpointer,
+    abstract_like,
+)
+from lora_merge_jax.training.config import TrainConfig
 
 
 class TrainingStopped(RuntimeError):
@@ -54,18 +61,10 @@ class TrainResult:
 
 def embedded_defaults(cfg: TrainConfig) -> TrainConfig:
     """Fills in the embedded tiny model when no model path is set, and its toy task when no data is set."""
-    root = Path(cfg.output_dir) / "embedded"
     if cfg.model.path is None:
-        if not (root / "model" / "config.json").exists():
-            tiny.make_tiny_model(root / "model")
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(root / "model")))
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(tiny.embedded_model(cfg.output_dir))))
     if cfg.data.train_file is None and cfg.data.hub_name is None:
-        if not (root / "task" / "train.jsonl").exists():
-            tiny.make_tiny_task(root / "task")
-        data = dataclasses.replace(cfg.data, data_dir=str(root / "task"), train_file="train.jsonl",
-                                   eval_file="dev.jsonl", prompt_template="Reverse: {input}\n", max_length=96,
-                                   max_target_length=48, length_buckets=(64,))
-        cfg = dataclasses.replace(cfg, data=data)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **tiny.embedded_task(cfg.output_dir)))
     return cfg
 
 
@@ -73,23 +72,15 @@ def _dtype(name: str | None) -> Any:
     return None if name is None else jnp.dtype(name)
 
 
-def resolve_adapter_dir(path: str | Path) -> Path:
-    """A PEFT adapter directory, or a run directory whose ``adapter/`` holds one."""
-    path = Path(path)
-    if (path / "adapter" / "adapter_config.json").exists():
-        return path / "adapter"
-    return path
-
-
 def build_adapter(cfg: TrainConfig, model: Model) -> Any:
     """The adapter at step 0, placed on the model's mesh."""
     a, key = cfg.adapter, jax.random.key(cfg.train.seed)
     if a.kind == "merge":
-        tasks = [peft_io.load_peft_adapter(resolve_adapter_dir(p), model) for p in cfg.merge.task_adapters]
+        tasks = [peft_io.load_peft_adapter(adapter_dir(p), model) for p in cfg.merge.task_adapters]
         adapter = adaptive.merge_for_training(tasks, cfg.merge.granularity, cfg.merge.init_coefficients, a.dropout,
                                               model.config.num_hidden_layers)
     elif a.init_from is not None:
-        adapter = peft_io.load_peft_adapter(resolve_adapter_dir(a.init_from), model)
+        adapter = peft_io.load_peft_adapter(adapter_dir(a.init_from), model)
         adapter = adapter.replace(dropout=a.dropout) if hasattr(adapter, "replace") else adapter
     elif a.kind == "melora":
         adapter = init_melora(model.config, key, a.num_blocks, a.rank, a.alpha, a.target_modules, a.layers, a.dropout)
@@ -103,31 +94,6 @@ def trainable_fields(cfg: TrainConfig) -> tuple[str, ...] | None:
     if cfg.adapter.kind == "merge" and not cfg.merge.train_factors:
         return ("coefficients",)
     return None
-
-
-def _check_run_config(out: Path, cfg: TrainConfig, force: bool) -> bool:
-    """Refuses a resume whose config differs from the one the run started with (``output_dir`` aside, so a
-    moved run directory still resumes); returns whether ``run_config.yaml`` needs (re)writing."""
-    file = out / RUN_CONFIG
-    current = config.to_dict(cfg)
-    if not file.exists():
-        return True
-    saved = yaml.safe_load(file.read_text())
-    if saved == current:
-        return False
-    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k) and k != "output_dir")
-    if diff and not force:
-        raise ValueError(f"{file}: this run was started with a different config (sections {diff} differ); "
-                         "resume with the same config, or pass --force to override")
-    return True
-
-
-def _write_run_config(out: Path, cfg: TrainConfig) -> None:
-    """Writes the run's resolved config (seed included) beside its checkpoints, atomically."""
-    file = out / RUN_CONFIG
-    tmp = file.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False, allow_unicode=True))
-    tmp.replace(file)
 
 
 def _stack_micro(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -203,9 +169,9 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
                             compute_dtype=_dtype(cfg.model.compute_dtype))
     if model.tokenizer is None:
         raise ValueError(f"{cfg.model.path}: no tokenizer files; training needs the model's tokenizer")
-    examples, stats = batching.build_train_examples(cfg.data, model.tokenizer)
+    examples, stats = prompts.build_train_examples(cfg.data, model.tokenizer)
     log(f"data: {stats}")
-    iterator = batching.TrainIterator(examples, cfg.data, batching.pad_token_id(model.tokenizer),
+    iterator = batching.TrainIterator(examples, cfg.data, prompts.pad_token_id(model.tokenizer),
                                       process_index=jax.process_index(), process_count=jax.process_count())
 
     adapter = build_adapter(cfg, model)
@@ -219,7 +185,7 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
         f"parameters; base model {model.config.num_params():,} parameters (frozen)")
     step_fn = train_step.make_train_step(model.config, tx, compute_dtype=model.compute_dtype,
                                          remat=cfg.train.remat, post_update=post_update,
-                                         max_target_tokens=batching.max_target_tokens(examples))
+                                         max_target_tokens=prompts.max_target_tokens(examples))
     train_fn = train_step.jit_train_step(step_fn, state, model.weights, model.config, mesh, cfg.data.batch_size)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -230,10 +196,10 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
         raise FileExistsError(f"{out / 'checkpoints'}: holds checkpoints of an earlier run; pass --resume to continue "
                               "it or choose another output_dir")
     try:
-        write_config = _check_run_config(out, cfg, force)
+        write_config = run_dir.check_run_config(out, cfg, force)
         if resume is not None and ckpt.latest_step() is not None:
             abstract = abstract_like(state, train_fn.state_shardings)
-            state, position, resumed_from = _restore(ckpt, abstract, resume, log)
+            state, position, resumed_from = run_dir.restore(ckpt, abstract, resume, log)
             iterator.restore(position)
             log(f"resumed from step {resumed_from} ({ckpt.directory / str(resumed_from)})")
         elif resume is not None:
@@ -242,53 +208,20 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
         ckpt.close()  # a refused or failed resume leaves run_config.yaml and the checkpoints as they were
         raise
     if write_config:
-        _write_run_config(out, cfg)
+        run_dir.write_run_config(out, cfg)
     # Placed as the step returns it, so that its first and later calls share one compiled program.
     state = jax.device_put(state, train_fn.state_shardings)
 
     result = _loop(cfg, state, train_fn, iterator, ckpt, out, log, stop_after)
     state, losses, stopped = result
     ckpt.close()
-    adapter_dir = out / "adapter"
+    exported = out / "adapter"
     if jax.process_index() == 0:
-        peft_io.save_peft_adapter(state.adapter, adapter_dir, model)
+        peft_export.save_peft_adapter(state.adapter, exported, model)
         if cfg.adapter.kind == "merge":
-            from lora_merge_jax.merge import export
-
             export.write_merge_outputs(state.adapter, model, out, cfg.merge.export_rank, log)
-    log(f"adapter written to {adapter_dir} (PEFT format)")
-    return TrainResult(state, model, out, adapter_dir, losses, resumed_from, stopped)
-
-
-def _restore(ckpt: Checkpointer, abstract: Any, mode: str, log) -> tuple[Any, dict, int]:
-    """Restores the latest complete checkpoint; with ``latest_valid`` the latest one that restores.
-
-    Orbax lists only complete (renamed) step directories, so a save cut short is never a candidate. A
-    listed one that cannot be read (truncated, corrupted) is an error with ``latest``; ``latest_valid``
-    says so, falls back to the previous one, and moves the damaged ones aside (to
-    ``damaged_checkpoints/`` beside ``checkpoints/``) so that the resumed run can save those steps again.
-    """
-    if mode not in ("latest", "latest_valid"):
-        raise ValueError(f"--resume {mode!r}: expected 'latest' or 'latest_valid'")
-    steps = ckpt.steps()
-    if mode == "latest":
-        try:
-            return ckpt.restore(abstract, steps[-1])
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}\nthe latest checkpoint cannot be restored (damaged?); nothing was changed. "
-                                  "Pass --resume latest_valid to fall back to the previous complete checkpoint") from e
-    damaged = []
-    for step in reversed(steps):
-        try:
-            restored = ckpt.restore(abstract, step)
-        except CheckpointError as e:
-            log(f"checkpoint step {step} cannot be restored ({e}); trying the previous one")
-            damaged.append(step)
-            continue
-        for bad in damaged:
-            log(f"damaged checkpoint step {bad} moved to {ckpt.quarantine(bad)}")
-        return restored
-    raise CheckpointError(f"{ckpt.directory}: none of the checkpoints {steps} could be restored")
+    log(f"adapter written to {exported} (PEFT format)")
+    return TrainResult(state, model, out, exported, losses, resumed_from, stopped)
 
 
 def _loop(cfg: TrainConfig, state: train_step.TrainState, train_fn: Any, iterator: batching.TrainIterator,
@@ -296,7 +229,7 @@ def _loop(cfg: TrainConfig, state: train_step.TrainState, train_fn: Any, iterato
           ) -> tuple[train_step.TrainState, list[float], bool]:
     from tqdm.auto import tqdm
 
-    from lora_merge_jax.metrics_log import MetricsLog
+    from lora_merge_jax.training.metrics_log import MetricsLog
 
     run = cfg.train
     start = int(jax.device_get(state.step))

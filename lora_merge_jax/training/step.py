@@ -24,11 +24,11 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lora_merge_jax import losses
-from lora_merge_jax import model as model_lib
 from lora_merge_jax import sharding
 from lora_merge_jax.adapters import common
-from lora_merge_jax.model_config import ModelConfig
+from lora_merge_jax.models import decoder, losses
+from lora_merge_jax.models import weights as weights_lib
+from lora_merge_jax.models.config import ModelConfig
 
 Array = jax.Array
 PostUpdate = Callable[["TrainState", Any], "TrainState"]
@@ -100,16 +100,16 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
         compute_dtype: activations' dtype (the adapter and optimizer stay float32).
         remat: recompute layer activations in the backward pass.
         post_update: ``f(state, grads) -> state`` run after each applied update (pruning masks).
-        max_target_tokens: a bound on the target tokens of every row (``batching.max_target_tokens``); the
+        max_target_tokens: a bound on the target tokens of every row (``prompts.max_target_tokens``); the
             LM head then runs on that many positions per row instead of all T. The same loss and gradients;
             ``jit_train_step`` rejects a batch that breaks the bound.
     """
 
-    def summed_nll(trainable: Any, frozen: Any, weights: model_lib.Weights, micro: dict, rng: Array):
+    def summed_nll(trainable: Any, frozen: Any, weights: weights_lib.Weights, micro: dict, rng: Array):
         adapter = common.combine(trainable, frozen)
         ids_BxT, target_BxT = micro["input_ids"], micro["target_mask"]
         selective = max_target_tokens is not None and max_target_tokens < ids_BxT.shape[1] - 1
-        out, _ = model_lib.apply_model(
+        out, _ = decoder.apply_model(
             cfg, weights, ids_BxT, deltas=adapter.deltas(cfg), dropout=adapter.dropout,
             dropout_rng=rng if adapter.dropout > 0 else None, attention_mask_BxS=micro["attention_mask"],
             compute_dtype=compute_dtype, remat=remat, return_hidden=selective,
@@ -117,11 +117,11 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
         if not selective:
             return losses.token_nll(out, ids_BxT, target_BxT)
         return losses.target_token_nll(out, ids_BxT, target_BxT, max_target_tokens,
-                                       functools.partial(model_lib.lm_logits, weights))
+                                       functools.partial(decoder.lm_logits, weights))
 
     grad_fn = jax.value_and_grad(summed_nll, has_aux=True)
 
-    def step(state: TrainState, weights: model_lib.Weights, batch: dict) -> tuple[TrainState, dict]:
+    def step(state: TrainState, weights: weights_lib.Weights, batch: dict) -> tuple[TrainState, dict]:
         rng, step_rng = jax.random.split(state.rng)
         num_micro = batch["input_ids"].shape[0]
         zeros = jax.tree.map(jnp.zeros_like, state.trainable)
@@ -165,7 +165,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
     return step
 
 
-def jit_train_step(step: Callable, state: TrainState, weights: model_lib.Weights, cfg: ModelConfig,
+def jit_train_step(step: Callable, state: TrainState, weights: weights_lib.Weights, cfg: ModelConfig,
                    mesh: Mesh, batch_size: int) -> Callable:
     """Jits ``step`` once with explicit shardings and the state donated.
 
@@ -174,9 +174,7 @@ def jit_train_step(step: Callable, state: TrainState, weights: model_lib.Weights
     """
     state_sh = state_shardings(state, cfg, mesh)
     weight_sh = jax.tree.map(lambda x: x.sharding, weights)
-    batch_axes = NamedSharding(mesh, PartitionSpec(None, sharding.SHARDING_RULES["batch"]))
-    if batch_size % sharding.mesh_axis_size(mesh, "batch"):
-        batch_axes = NamedSharding(mesh, PartitionSpec())
+    batch_axes = sharding.batch_sharding(mesh, batch_size, ndim=3, leading=1)  # [micro-batches, B, T]
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def step_on_mesh(state, weights, batch):
@@ -213,4 +211,4 @@ def _check_target_bound(target_mask: Any, bound: int) -> None:
         most = losses.most_targets(getattr(shard, "data", shard))
         if most > bound:
             raise ValueError(f"a batch row has {most} target tokens, over the max_target_tokens={bound} that the "
-                             "train step was built with; build it with a larger bound (batching.max_target_tokens)")
+                             "train step was built with; build it with a larger bound (prompts.max_target_tokens)")

@@ -1,8 +1,8 @@
 """Summarisation data: a typed config and validated reading of records.
 
-The pipeline is ``DataConfig`` -> ``read_records`` (here) -> ``batching.build_train_examples`` /
-``batching.build_eval_examples`` (token ids) -> ``batching.TrainIterator`` / ``batching.eval_batches``
-(numpy batches in the convention of ``losses.py``).
+The pipeline is ``DataConfig`` -> ``read_records`` (here) -> ``prompts.build_train_examples`` /
+``prompts.build_eval_examples`` (token ids) -> ``batching.TrainIterator`` (numpy batches in the convention
+of ``models/losses.py``). Field types are checked where configs are read (``lora_merge_jax/config.py``).
 
 Design:
   * Reading goes through ``datasets.load_dataset`` (local JSON Lines/JSON/CSV/Parquet, or a hub data set),
@@ -25,7 +25,6 @@ import dataclasses
 import io
 import json
 import string
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,7 +71,6 @@ class DataConfig:
     def __post_init__(self) -> None:
         for name in ("length_buckets", "prompt_fields"):  # YAML gives lists
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        _check_types(self)
         if self.on_overlong not in ON_OVERLONG:
             raise ValueError(f"on_overlong must be one of {ON_OVERLONG}, got {self.on_overlong!r}")
         if self.hub_name and (self.train_file or self.eval_file):
@@ -91,40 +89,6 @@ class DataConfig:
         if "input" in self.prompt_fields:
             raise ValueError("prompt_fields must not name 'input', which is the input placeholder")
         _check_template(self.prompt_template, self.prompt_fields)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> DataConfig:
-        """Builds a config from YAML-style values; unknown keys are an error that names them."""
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown DataConfig key(s): {', '.join(unknown)}")
-        return cls(**values)
-
-
-def load_data_config(path: str | Path, **overrides: Any) -> DataConfig:
-    """Reads a YAML fragment of ``DataConfig`` fields (as in ``configs/data/``), then applies overrides."""
-    import yaml
-
-    with open(path, encoding="utf-8") as f:
-        values = yaml.safe_load(f) or {}
-    return DataConfig.from_dict({**values, **overrides})
-
-
-def _check_types(cfg: DataConfig) -> None:
-    """Checks each field against its annotation (str, int, bool, optional, tuples of str/int)."""
-    for name, hint in typing.get_type_hints(type(cfg)).items():
-        value = getattr(cfg, name)
-        optional = type(None) in typing.get_args(hint)  # only `X | None` unions occur here
-        if value is None and optional:
-            continue
-        base = next(t for t in typing.get_args(hint) if t is not type(None)) if optional else hint
-        if typing.get_origin(base) is tuple:
-            item = typing.get_args(base)[0]
-            ok = all(isinstance(v, item) and not (item is int and isinstance(v, bool)) for v in value)
-        else:
-            ok = isinstance(value, base) and not (base is int and isinstance(value, bool))
-        if not ok:
-            raise ValueError(f"DataConfig.{name} must be {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
 def _check_template(template: str, prompt_fields: Sequence[str]) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from lora_merge_jax.data import DataConfig
+from lora_merge_jax.data.records import DataConfig
 from lora_merge_jax.merge.pruning import PruneConfig
-from lora_merge_jax.model_config import PROJECTIONS
-from lora_merge_jax.optim import OptimConfig
+from lora_merge_jax.models.config import PROJECTIONS
 from lora_merge_jax.sharding import MeshConfig
+from lora_merge_jax.training.optim import OptimConfig
 
 
 @dataclasses.dataclass(frozen=True)
