@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import lora_merge_jax as lmj  # noqa: E402
-from lora_merge_jax import model as model_lib  # noqa: E402
+from lora_merge_jax.models import weights as model_lib  # noqa: E402
 from lora_merge_jax import sharding  # noqa: E402
 from lora_merge_jax.merge import pruning  # noqa: E402
 from lora_merge_jax.models.config import PROJECTIONS, ModelConfig  # noqa: E402
@@ -58,7 +58,7 @@ def compile_step(cfg: ModelConfig, variant: str, tasks: int, rank: int, batch: i
         post_update = pruning.make_post_update(prune_cfg, 1000, cfg.num_hidden_layers)
         extra = jax.eval_shape(lambda a: pruning.init_statistics(prune_cfg, a), adapter)
     state = jax.eval_shape(lambda a, e: init_state(a, tx, seed=0, extra=e), adapter, extra)
-    state_sh = state_shardings(state, cfg, mesh)
+    state_sh = state_shardings(state, cfg, mesh, tx)
     weights = model_lib.abstract(cfg, jnp.float32, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     ids = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32, sharding=replicated)

@@ -1,12 +1,15 @@
 """Greedy decoding throughput: lora_merge_jax.generate against transformers' generate (PyTorch), same model.
 
 A random-weight tiny Llama checkpoint is written with ``lora_merge_jax.tiny.make_tiny_model`` (or one is read
-from ``--checkpoint``); both implementations load it, decode the same left-padded batch greedily with
+from ``--checkpoint``, a directory or a ``.gguf`` file; or ``--model smollm2`` takes the real
+SmolLM2-135M-Instruct Q4_1 GGUF, fetched once by ``lora_merge_jax.io.gguf_fetch``); both implementations
+load it (transformers through its own GGUF loader for a ``.gguf``), decode the same left-padded batch greedily with
 ``min_new_tokens == max_new_tokens`` so that both produce exactly the same number of tokens, and are timed
 after one warm-up call (which holds our compile time, reported separately). Prints one table and writes
 JSON with ``--out``.
 
     python bench/decode_bench.py --batch 8 --prompt-len 32 --new-tokens 64 --out decode_bench.json
+    python bench/decode_bench.py --model smollm2 --out decode_bench_smollm2.json    # the real model
 
 On a shared or busy CPU, PyTorch's OpenMP threads can slow down by 10x when oversubscribed; compare with
 ``--torch-threads 1`` and ``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"``.
@@ -32,8 +35,19 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import lora_merge_jax as lmj  # noqa: E402
-from lora_merge_jax import generate as gen  # noqa: E402
+from lora_merge_jax.evaluation import generate as gen  # noqa: E402
 from lora_merge_jax import tiny  # noqa: E402
+from lora_merge_jax.io.gguf_fetch import fetch_smollm2  # noqa: E402
+
+REAL_MODELS = {"smollm2": fetch_smollm2}  # --model name -> () -> path of the (cached) GGUF
+
+
+def _torch_model(path: Path) -> torch.nn.Module:
+    """transformers' model of a checkpoint directory or, through its own GGUF loader, a .gguf file."""
+    if path.suffix.lower() == ".gguf":
+        return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                 dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
 def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -60,7 +74,10 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--checkpoint", help="an existing Llama/Mistral/Qwen2 directory (default: a tiny random one)")
+    parser.add_argument("--model", choices=["tiny", *REAL_MODELS], default="tiny",
+                        help="tiny: a random tiny Llama (default); smollm2: the real SmolLM2-135M-Instruct Q4_1 GGUF")
+    parser.add_argument("--checkpoint", help="an existing Llama/Mistral/Qwen2 directory or .gguf file "
+                        "(default: see --model)")
     parser.add_argument("--hidden", type=int, default=64, help="tiny model width (ignored with --checkpoint)")
     parser.add_argument("--layers", type=int, default=2, help="tiny model depth (ignored with --checkpoint)")
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -69,11 +86,13 @@ def main() -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
+    if args.checkpoint is None and args.model in REAL_MODELS:
+        args.checkpoint = str(REAL_MODELS[args.model]())
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint or tiny.make_tiny_model(Path(tmp) / "tiny", hidden=args.hidden, layers=args.layers,
                                                        ffw=2 * args.hidden)
         ours = lmj.load_pretrained(path)
-        theirs = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        theirs = _torch_model(Path(path))
     n, batch = args.new_tokens, args.batch
     prompts = _prompts(batch, args.prompt_len, ours.config.vocab_size, seed=0)
 
@@ -115,7 +134,8 @@ def main() -> None:
     if args.out:
         report = {
             "settings": {"batch": batch, "prompt_lengths": [len(p) for p in prompts], "new_tokens": n,
-                         "repeats": args.repeats, "checkpoint": str(args.checkpoint or "tiny random"),
+                         "repeats": args.repeats, "model": args.model,
+                         "checkpoint": str(args.checkpoint or "tiny random"),
                          "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size},
             "environment": {"jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()],
                             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),

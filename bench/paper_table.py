@@ -20,7 +20,7 @@ time left) go to stdout and ``<out-dir>/log.txt``.
 Stages, each under ``--out-dir`` (default ``runs/paper_table/<size>``):
   1. ``base/``: a byte-level BPE tokenizer trained on the *train* splits of ``--data-dir`` (English and
      Japanese abstracts, TLDRs, dialogues, notes) and a Llama-architecture model pretrained from scratch
-     on the same text (``lora_merge_jax.pretrain``), saved as a Hugging Face checkpoint.
+     on the same text (``bench/pretrain.py``), saved as a Hugging Face checkpoint.
   2. ``sources/<setting>/<task>/``: source-task adapters trained with ``trainer.train`` on the full
      source data sets; setting ``lora`` (LoRAs) and ``melora`` (MELoRAs, exported as block-diagonal LoRAs).
   3. ``units/<target>/<setting>/<method>/N<n>/seed<s>/``: every method on N target training examples
@@ -170,9 +170,9 @@ def build_base(preset: Preset, data_dir: Path, out: Path, log) -> Path:
     import jax
     import jax.numpy as jnp
     import pretrain
-    import sharding
     import transformers
 
+    from lora_merge_jax import sharding
     from lora_merge_jax.io.hf import save_pretrained
     from lora_merge_jax.models import weights as weights_lib
     from lora_merge_jax.models.config import from_hf_config

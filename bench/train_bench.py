@@ -1,7 +1,10 @@
 """Train-step throughput: our LoRA and adaptive-merge steps against PyTorch + PEFT, on this machine.
 
 Two random-weight Llama configs (about 5M and 35M parameters) are built with transformers' ``LlamaConfig``
-and saved; both implementations load the same checkpoint. Ours: ``lmj.load_pretrained``, ``init_lora`` /
+and saved; both implementations load the same checkpoint. The real model ``smollm2`` (SmolLM2-135M-Instruct,
+Q4_1 GGUF, fetched once by ``lora_merge_jax.io.gguf_fetch``; ours through ``load_pretrained``, PyTorch through
+transformers' own GGUF loader, both dequantized to float32) is a third workload: ``--configs smollm2``.
+Ours: ``lmj.load_pretrained``, ``init_lora`` /
 ``merge_for_training`` (K task LoRAs of rank r on all seven projections, ``task`` coefficients, optionally
 the default pruning hook), ``train_step.make_train_step`` + ``jit_train_step`` with ``optim.make_optimizer``
 (AdamW, clip 1.0). Theirs: ``peft.get_peft_model`` with the same rank, alpha, targets, batch and length,
@@ -24,6 +27,7 @@ the same count keeps MFU proportional to tokens/s and overstates our hardware us
 
     python bench/train_bench.py --out train_bench.json
     python bench/train_bench.py --configs 35M --target-tokens 32 --tasks 8 --merge-variants merge   # summaries
+    python bench/train_bench.py --configs smollm2 --out train_bench_smollm2.json                     # real model
 
 Threads: XLA's CPU backend uses one intra-op thread per core it may run on; PyTorch is set to the same
 number. ``--threads 1`` pins the process to one core, so both run single-threaded. ``OMP_WAIT_POLICY`` is set to
@@ -69,8 +73,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import lora_merge_jax as lmj  # noqa: E402
-from lora_merge_jax import losses  # noqa: E402
+from lora_merge_jax.models import losses  # noqa: E402
 from lora_merge_jax.adapters import common  # noqa: E402
+from lora_merge_jax.io.gguf_fetch import fetch_smollm2  # noqa: E402
 from lora_merge_jax.merge import pruning  # noqa: E402
 from lora_merge_jax.models.config import PROJECTIONS, ModelConfig  # noqa: E402
 from lora_merge_jax.training.optim import OptimConfig, make_optimizer  # noqa: E402
@@ -83,7 +88,17 @@ CONFIGS = {
     "35M": (dict(vocab_size=10240, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                  num_attention_heads=8, num_key_value_heads=4), 256),
 }
+# real models: name -> (() -> path of the cached GGUF, default sequence length)
+REAL_MODELS = {"smollm2": (fetch_smollm2, 128)}
 LEARNING_RATE = 1e-4
+
+
+def _torch_model(path: Path) -> torch.nn.Module:
+    """transformers' model of a checkpoint directory or, through its own GGUF loader, a .gguf file."""
+    if path.suffix.lower() == ".gguf":
+        return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                 dtype=torch.float32)
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 7) -> tuple[float, float]:
@@ -175,7 +190,7 @@ def peft_step(path: Path, rank: int, batch: dict):
     """The same LoRA step in PyTorch + PEFT: a ready-to-time closure and its adapter parameter count."""
     import peft
 
-    base = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    base = _torch_model(path)
     model = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                                       target_modules=list(PROJECTIONS), task_type="CAUSAL_LM"))
     model.train()
@@ -200,14 +215,23 @@ def peft_step(path: Path, rank: int, batch: dict):
 
 
 def run_config(name: str, args: argparse.Namespace, tmp: Path) -> dict:
-    hf_kwargs, seq = CONFIGS[name]
-    seq = args.seq or seq
-    torch.manual_seed(0)
-    hf_config = transformers.LlamaConfig(**hf_kwargs, max_position_embeddings=max(seq, 512), rms_norm_eps=1e-5,
-                                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    path = tmp / name
-    transformers.LlamaForCausalLM(hf_config).save_pretrained(str(path))
-    model = lmj.load_pretrained(path)
+    if name in REAL_MODELS:
+        fetch, seq = REAL_MODELS[name]
+        seq = args.seq or seq
+        path = fetch()
+        model = lmj.load_pretrained(path, load_tokenizer=False)
+        hf_kwargs = {"gguf": path.name, **{k: getattr(model.config, k) for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "tie_word_embeddings")}}
+    else:
+        hf_kwargs, seq = CONFIGS[name]
+        seq = args.seq or seq
+        torch.manual_seed(0)
+        hf_config = transformers.LlamaConfig(**hf_kwargs, max_position_embeddings=max(seq, 512), rms_norm_eps=1e-5,
+                                             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        path = tmp / name
+        transformers.LlamaForCausalLM(hf_config).save_pretrained(str(path))
+        model = lmj.load_pretrained(path)
     cfg = model.config
     batch = make_batch(cfg.vocab_size, args.batch, seq, args.target_tokens or 3 * seq // 4)
     steps_total = 10 * args.rounds * args.steps
@@ -247,9 +271,10 @@ def run_config(name: str, args: argparse.Namespace, tmp: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *REAL_MODELS],
+                        help="synthetic 5M / 35M Llamas (default: both) and/or the real smollm2 (135M, GGUF)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, help="sequence length (default: 128 for 5M, 256 for 35M)")
+    parser.add_argument("--seq", type=int, help="sequence length (default: 128 for 5M and smollm2, 256 for 35M)")
     parser.add_argument("--target-tokens", type=int, help="target (loss) tokens at the end of each row "
                         "(default: 3/4 of the sequence; a summary is more like 1/8)")
     parser.add_argument("--rank", type=int, default=8, help="rank of the LoRA and of each task LoRA")

@@ -1,7 +1,8 @@
 """lora_merge_jax: adaptive LoRA merging with pruning, and MELoRA, for Llama-family models in JAX.
 
 Public API (see README.md):
-    load_pretrained, save_pretrained, forward, Model    -- base models from Hugging Face checkpoints
+    load_pretrained, save_pretrained, forward, Model    -- base models from Hugging Face checkpoints or GGUF
+    convert_gguf                                        -- a GGUF file into a Hugging Face checkpoint
     init_lora, init_melora, LoraAdapter, MeloraAdapter  -- adapters as pure pytrees
     fold                                                -- fold an adapter into the base weights
     load_peft_adapter, save_peft_adapter, save_merged_model -- PEFT format in and out
@@ -13,7 +14,7 @@ Public API (see README.md):
 from lora_merge_jax.adapters.common import combine, fold, split
 from lora_merge_jax.adapters.lora import LoraAdapter, init_lora
 from lora_merge_jax.adapters.melora import MeloraAdapter, init_melora
-from lora_merge_jax.io.hf import load_pretrained, save_merged_model, save_pretrained
+from lora_merge_jax.io.hf import convert_gguf, load_pretrained, save_merged_model, save_pretrained
 from lora_merge_jax.io.peft_export import save_peft_adapter
 from lora_merge_jax.io.peft_import import load_peft_adapter
 from lora_merge_jax.merge.adaptive import MergedLoraAdapter, merge_for_training
@@ -33,6 +34,7 @@ __all__ = [
     "Model",
     "ModelConfig",
     "combine",
+    "convert_gguf",
     "fold",
     "forward",
     "init_lora",

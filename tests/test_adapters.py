@@ -1,6 +1,6 @@
 """Adapter math without PEFT: MELoRA against a plain block loop, folding, and sharding on 8 devices.
 
-Every numerical test draws fresh random factors and tokens; logits are float32 and compared on the
+Every numerical test draws random factors and tokens from its seed; logits are float32 and compared on the
 non-padded positions only.
 """
 
@@ -55,8 +55,7 @@ def model(llama_checkpoint):
     return lmj.load_pretrained(llama_checkpoint, load_tokenizer=False)
 
 
-def test_melora_delta_matches_block_loop(model):
-    rng = np.random.default_rng()
+def test_melora_delta_matches_block_loop(model, rng):
     cfg = model.config
     adapter = _init(lmj.init_melora, cfg, rng, num_blocks=4, rank=[1, 2, 3, 2], alpha=[2, 4, 1, 3],
                     target_modules=["q_proj", "k_proj", "down_proj"], layers=[1])
@@ -79,8 +78,7 @@ def test_melora_delta_matches_block_loop(model):
         np.testing.assert_allclose(np.asarray(folded.layers.proj[proj]) - base, ref, atol=WEIGHT_TOL, err_msg=proj)
 
 
-def test_melora_with_one_block_is_lora(model):
-    rng = np.random.default_rng()
+def test_melora_with_one_block_is_lora(model, rng):
     cfg = model.config
     lora = _init(lmj.init_lora, cfg, rng, **LORA)
     melora = lmj.MeloraAdapter(a={p: x[:, None] for p, x in lora.a.items()},
@@ -94,8 +92,7 @@ def test_melora_with_one_block_is_lora(model):
 
 
 @pytest.mark.parametrize("kind", ["lora", "melora"])
-def test_folded_weights_give_adapter_logits(model, kind):
-    rng = np.random.default_rng()
+def test_folded_weights_give_adapter_logits(model, kind, rng):
     if kind == "lora":
         adapter = _init(lmj.init_lora, model.config, rng, **LORA)
     else:
@@ -119,13 +116,12 @@ def _spec(array):
     return spec + (None,) * (array.ndim - len(spec))
 
 
-def test_lora_follows_base_sharding_and_eight_devices_match_one(llama_checkpoint, tmp_path):
+def test_lora_follows_base_sharding_and_eight_devices_match_one(llama_checkpoint, tmp_path, rng):
     assert len(jax.devices()) == 8
     one = lmj.load_pretrained(llama_checkpoint, mesh=make_mesh(MeshConfig(), devices=jax.devices()[:1]),
                               load_tokenizer=False)
     many = lmj.load_pretrained(llama_checkpoint, mesh=make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)),
                                load_tokenizer=False)
-    rng = np.random.default_rng()
     adapter = _init(lmj.init_lora, one.config, rng, **LORA, dropout=0.05)
     peft_export.save_peft_adapter(adapter, tmp_path, one)
     placed = common.place(adapter, many.config, many.mesh)

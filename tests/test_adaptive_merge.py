@@ -1,11 +1,11 @@
 """The adaptive merge and its pruning: merged deltas, masks and schedule, training, checkpoints, export, sharding.
 
-Every numerical test draws fresh random task LoRAs (non-zero B) and batches, and states its tolerance. One
-tiny 3-layer model is shared by the module; the jitted train steps are few (each compile costs seconds on
-CPU): one pruned run of ``TOTAL`` steps (parameter granularity, module scope, sensitivity) serves the mask,
-schedule, optimizer, update, checkpoint and 8-device tests; one component-granularity run serves the
-layer-range and per-layer tests; one frozen-factors run the ablation. Scopes the runs do not cover are
-checked on ``pruning.new_masks`` directly.
+Every numerical test draws random task LoRAs (non-zero B) and batches from its seed (conftest's ``rng``;
+``module_seed`` for the module's runs), and states its tolerance. One tiny 3-layer model is shared by the
+module; the jitted train steps are few (each compile costs seconds on CPU): one pruned run of ``TOTAL`` steps
+(parameter granularity, module scope, sensitivity) serves the mask, schedule, optimizer, update, checkpoint
+and 8-device tests; one component-granularity run serves the layer-range and per-layer tests; one
+frozen-factors run the ablation. Scopes the runs do not cover are checked on ``pruning.new_masks`` directly.
 """
 
 import math
@@ -113,9 +113,9 @@ def _group_size(adapter, name):
 
 
 @pytest.fixture(scope="module")
-def pruned_run(model, tmp_path_factory):
+def pruned_run(model, tmp_path_factory, module_seed):
     """The main run: TOTAL steps with PRUNE, states kept at KEEP_AT, a checkpoint written at RESUME_AT."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng([module_seed, 0])  # its own stream: the same inputs whichever run is built first
     init = jax.device_get(adaptive.merge_for_training(_task_loras(model.config, rng), "task_layer"))
     batches = [random_batch(rng, batch=BATCH, length=16) for _ in range(TOTAL)]
     state, step, _ = _trainer(model, _device_copy(init))
@@ -136,10 +136,9 @@ def pruned_run(model, tmp_path_factory):
 # 1. The merged delta
 
 
-def test_merged_delta_is_sum_of_scaled_task_deltas(model):
+def test_merged_delta_is_sum_of_scaled_task_deltas(model, rng):
     """fold(merged) - W == sum_k c_k (fold(lora_k) - W) per projection and layer, to DELTA_TOL, for every
     coefficient granularity with random coefficients (one test: ``fold`` compiles for every new adapter)."""
-    rng = np.random.default_rng()
     loras = _task_loras(model.config, rng)
     base = {n: np.asarray(model.weights.layers.proj[n]) for n in TARGETS}
     task_deltas = [{n: np.asarray(lmj.fold(model, lora).layers.proj[n]) - base[n] for n in TARGETS}
@@ -158,8 +157,7 @@ def test_merged_delta_is_sum_of_scaled_task_deltas(model):
                                        err_msg=f"{granularity}: {name}")
 
 
-def test_one_task_with_coefficient_one_is_the_lora(model):
-    rng = np.random.default_rng()
+def test_one_task_with_coefficient_one_is_the_lora(model, rng):
     (lora,) = _task_loras(model.config, rng, ranks=(3,))
     merged = adaptive.merge_for_training([lora], "task", init_coefficients=1.0)
     ids = rng.integers(4, 100, (2, 12))
@@ -234,11 +232,11 @@ def test_adam_moments_are_zero_at_pruned_entries(pruned_run):
 
 
 @pytest.fixture(scope="module")
-def component_run(model):
+def component_run(model, module_seed):
     """Component granularity, layer scope, magnitude, layers 1-2 with per-layer targets; 8 steps."""
     cfg = pruning.PruneConfig(criterion="magnitude", granularity="component", scope="layer", layers=(1, 2),
                               layer_sparsity=(0.5, 0.25, 0.75), every=2, end_step=6)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng([module_seed, 1])
     init = jax.device_get(adaptive.merge_for_training(_task_loras(model.config, rng), "task_module"))
     state, step, _ = _trainer(model, _device_copy(init), cfg, steps=8)
     _, kept = _run(step, state, [random_batch(rng, batch=BATCH, length=16) for _ in range(8)], keep_at=(2, 4, 6, 8))
@@ -279,9 +277,8 @@ def _random_merged(cfg, rng, pruned_fraction=0.0):
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
-def test_new_masks_global_and_layer_scope_rank_the_right_entries(model, scope):
+def test_new_masks_global_and_layer_scope_rank_the_right_entries(model, scope, rng):
     """Magnitude pruning of layers 1-2 only: the pruned entries are the smallest |theta| of their group."""
-    rng = np.random.default_rng()
     merged = _random_merged(model.config, rng, pruned_fraction=0.1)
     cfg = pruning.PruneConfig(criterion="magnitude", scope=scope, layers=(1, 2), final_sparsity=0.4)
     target_L = jnp.asarray(pruning.layer_targets(cfg, LAYERS))
@@ -315,9 +312,8 @@ def test_coefficients_and_factors_both_train(pruned_run):
         assert np.abs(state.trainable.b[name] - init.b[name]).max() > 1e-4
 
 
-def test_frozen_factors_ablation_trains_coefficients_only(model):
+def test_frozen_factors_ablation_trains_coefficients_only(model, rng):
     """trainable_fields=('coefficients',) with magnitude pruning: a and b bitwise unchanged, masks shrink."""
-    rng = np.random.default_rng()
     init = jax.device_get(adaptive.merge_for_training(_task_loras(model.config, rng), "task"))
     cfg = pruning.PruneConfig(criterion="magnitude", final_sparsity=0.5, every=2, end_step=4)
     state, step, _ = _trainer(model, _device_copy(init), cfg, trainable_fields=("coefficients",), steps=5)
@@ -371,8 +367,7 @@ def test_resume_equals_uninterrupted_run(pruned_run):
 # 5. Export
 
 
-def test_compact_drops_dead_components_and_keeps_the_forward(model):
-    rng = np.random.default_rng()
+def test_compact_drops_dead_components_and_keeps_the_forward(model, rng):
     merged = _random_merged(model.config, rng, pruned_fraction=0.3)
     merged = merged.replace(coefficients=jax.tree.map(
         lambda c: jnp.asarray(rng.normal(0.0, 1.0, c.shape), jnp.float32), merged.coefficients))
@@ -391,8 +386,7 @@ def test_compact_drops_dead_components_and_keeps_the_forward(model):
                                np.asarray(lmj.forward(model, ids, adapter=merged)), rtol=0, atol=LOGIT_TOL)
 
 
-def test_compress_error_is_zero_at_the_true_rank_and_positive_below(model):
-    rng = np.random.default_rng()
+def test_compress_error_is_zero_at_the_true_rank_and_positive_below(model, rng):
     merged = _random_merged(model.config, rng)  # rank sum(RANKS) = 9 per layer, below every feature size
     for rank in (sum(RANKS), sum(RANKS) + 3):
         small, errors = export.compress(merged, rank)
@@ -437,10 +431,9 @@ def test_prune_layers_outside_the_model_are_refused():
         pruning.layer_targets(pruning.PruneConfig(layer_sparsity=(0.1, 0.2)), LAYERS)
 
 
-def test_merge_needs_task_loras_with_the_same_targets(model):
+def test_merge_needs_task_loras_with_the_same_targets(model, rng):
     with pytest.raises(ValueError, match="at least one task LoRA"):
         adaptive.merge_for_training([])
-    rng = np.random.default_rng()
     (qv,) = _task_loras(model.config, rng, ranks=(2,), targets=("q_proj", "v_proj"))
     (qo,) = _task_loras(model.config, rng, ranks=(2,), targets=("q_proj", "o_proj"))
     with pytest.raises(ValueError, match=r"differ on \['o_proj', 'v_proj'\]"):

@@ -71,7 +71,7 @@ def env(tmp_path_factory):
 def train_config(env: Path, *sets: str, data_dir: Path | None = None) -> TrainConfig:
     base = [f"output_dir={env / 'earlier'}", f"model.path={env / 'model'}", f"data.data_dir={data_dir or env / 'task'}",
             "data.train_file=train.jsonl", "data.prompt_template='Reverse: {input}\n'", "data.max_length=96",
-            "data.max_target_length=48", "data.batch_size=4", "train.steps=2", "train.progress=false",
+            "data.max_target_length=48", "data.batch_size=8", "train.steps=2", "train.progress=false",
             "train.async_checkpoints=false"]
     return config.load_config(TrainConfig, None, base + list(sets))
 

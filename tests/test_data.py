@@ -182,11 +182,18 @@ def test_hosts_read_disjoint_slices_of_the_global_batch():
 
 # ------------------------------------------------------------------------------------------- real data
 
+# The real data sets live in ../shared/data (present in CI, not shipped with the project). Without them these
+# tests skip; the small-file tests below still run every preset's parsing on files of the same schemas.
+requires_shared_data = pytest.mark.skipif(
+    not os.path.isdir(SHARED_DATA),
+    reason=f"needs {os.path.normpath(SHARED_DATA)} (the real summarisation data, present in CI; see "
+           "configs/data/*.yaml for where to get each set); the preset parsing is also tested on small files")
 
 PRESETS = {  # preset: (train records, eval records)
     "scitldr": (1992, 619), "xscitldr_ja": (1607, 200), "xscitldr_en_ja": (1607, 200), "mts_dialog": (1201, 100)}
 
 
+@requires_shared_data
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_load_and_batch(preset, byte_tok):
     path = os.path.join(CONFIGS, f"{preset}.yaml")
@@ -212,6 +219,7 @@ def test_presets_load_and_batch(preset, byte_tok):
         assert f"Write the {data.read_records(cfg, 'eval')[0].fields['section_header']} section" in prompt
 
 
+@requires_shared_data
 def test_multiline_csv_parses(byte_tok):
     for name, field, count in [("mts_dialog/MTS-Dialog-TrainingSet.csv", "dialogue", 1201),
                                ("aci_bench/train.csv", "dialogue", 67)]:
@@ -223,6 +231,138 @@ def test_multiline_csv_parses(byte_tok):
         assert len(records) == count == len(rows)
         assert records[-1].input == data.normalise_text(rows[-1][field]) and "\n" in records[0].input
         assert "\r" not in records[0].input
+
+
+# ------------------------------------------------------------------ presets on small files of the real schemas
+# Files written here in each real data set's layout (../shared/data/README.md), read through the real presets.
+
+_SCITLDR_TRAIN = [  # SciTLDR: source a list of sentences, target a list (1 summary in train, 1-4 in dev)
+    {"source": ["We study adaptive merging of LoRA adapters.", "It learns one coefficient per task and layer."],
+     "source_labels": [0, 1], "rouge_scores": [0.31], "paper_id": "abc123",
+     "target": ["Adaptive LoRA merging with learned coefficients."], "title": "Adaptive merging"},
+    {"source": ["Pruning removes half of the merged factors.", "Quality stays the same.", "Code is released."],
+     "source_labels": [1, 0, 0], "rouge_scores": [0.4, 0.1, 0.05], "paper_id": "def456",
+     "target": ["Half the merged factors can be pruned."], "title": "Pruning merged adapters"},
+    {"source": ["  Leading and trailing spaces are stripped.  ", "Sentences join with one space."],
+     "source_labels": [0, 0], "rouge_scores": [], "paper_id": "ghi789",
+     "target": ["Whitespace is normalised."], "title": "Normalisation"},
+]
+_SCITLDR_DEV = [
+    {"source": ["A dev abstract in two sentences.", "The second sentence."], "source_labels": [1, 0],
+     "rouge_scores": [0.5, 0.2], "paper_id": "dev1",
+     "target": ["First reference TLDR.", "Second reference TLDR.", "Third reference TLDR."], "title": "Dev one"},
+    {"source": ["Another dev abstract."], "source_labels": [1], "rouge_scores": [0.7], "paper_id": "dev2",
+     "target": ["Only one reference."], "title": "Dev two"},
+]
+# X-SciTLDR ja: {split}.jsonl {"source": English abstract, "target": [Japanese TLDR]}; line i of {split}.source
+# is record i's English abstract, of {split}.target its Japanese translation. Rows: (English, TLDR, Japanese).
+_XSCITLDR = {
+    "train": [("We merge adapters adaptively.", "アダプタを適応的に統合する。", "アダプタを適応的に統合する手法。"),
+              ("Pruning keeps quality.", "枝刈りしても品質は保たれる。", "統合した因子の半分を枝刈りする。"),
+              ("Tiny models train fast.", "小さなモデルは速く学習する。", "小さなモデルで実験を行う。")],
+    "eval": [("A validation abstract.", "検証用の要約。", "検証用の論文要旨である。"),
+             ("Second validation abstract.", "二つ目の要約。", "二つ目の論文要旨である。")],
+}
+_MTS_ROWS = {  # MTS-Dialog: ID, section_header, section_text (the summary), dialogue (the input)
+    "train": [("0", "GENHX", 'The patient is a 26-year-old female, referred for "low back" pain.',
+               ["Doctor: When did your pain begin? ", "Patient: About eight years ago, after a fall.",
+                "Doctor: Any injury? ", " Patient: Yes, I fell in an A B C store."]),
+              ("1", "FAM/SOCHX", "Father: hypertension.\nMother: diabetes, type 2.",
+               ["Doctor: Any family history?", "Patient: My dad has high blood pressure, my mom diabetes."]),
+              ("2", "ROS", "None", ["Doctor: Any chest pain?", "Patient: No."])],
+    "eval": [("0", "ASSESSMENT", "Low back pain, improving.",
+              ["Doctor: How is the pain today?", 'Patient: Better, thanks, "much" better.']),
+             ("1", "PLAN", "Continue physical therapy,\ntwice a week.",
+              ["Doctor: Keep up the exercises.", "Patient: Okay."])],
+}
+
+
+def _jsonl(rows):
+    return "\n".join(json.dumps(r, ensure_ascii=False) for r in rows)  # no final newline, as the real files
+
+
+def _csv_field(text):
+    return '"' + text.replace('"', '""') + '"'
+
+
+def _write_preset_files(preset, cfg, root):
+    """Small files of the preset's real schema at the preset's file names under ``root``; returns, per split,
+    the expected (input, targets, prompt fields) of each record."""
+    files = {}
+    if preset == "scitldr":
+        files[cfg.train_file], files[cfg.eval_file] = _jsonl(_SCITLDR_TRAIN), _jsonl(_SCITLDR_DEV)
+        expected = {split: [(" ".join(s.strip() for s in r["source"]), tuple(r["target"]), {}) for r in rows]
+                    for split, rows in (("train", _SCITLDR_TRAIN), ("eval", _SCITLDR_DEV))}
+    elif preset in ("xscitldr_ja", "xscitldr_en_ja"):
+        expected = {}
+        for split, jsonl_file in (("train", cfg.train_file), ("eval", cfg.eval_file)):
+            rows, stem = _XSCITLDR[split], jsonl_file.removesuffix(".jsonl")
+            files[jsonl_file] = _jsonl([{"source": en, "target": [tldr]} for en, tldr, _ in rows])
+            files[stem + ".source"] = "\n".join(en for en, _, _ in rows)  # no final newline, as the real files
+            files[stem + ".target"] = "\n".join(ja for _, _, ja in rows) + "\n"
+            japanese_input = preset == "xscitldr_ja"
+            expected[split] = [(ja if japanese_input else en, (tldr,), {}) for en, tldr, ja in rows]
+        if preset == "xscitldr_ja":  # the inputs come from the .target files written above
+            assert (cfg.input_field, cfg.train_input_lines_file, cfg.eval_input_lines_file) == (
+                None, "xscitldr_ja/train.target", "xscitldr_ja/val.target")
+        assert (cfg.train_file, cfg.eval_file) == ("xscitldr_ja/train.jsonl", "xscitldr_ja/val.jsonl")
+    else:  # mts_dialog: CRLF row ends; CRLF inside the training set's dialogues, LF inside validation's
+        expected = {}
+        for split, name, eol, final in (("train", cfg.train_file, "\r\n", "\r\n"),
+                                        ("eval", cfg.eval_file, "\n", "")):  # validation: no final newline
+            lines = ["ID,section_header,section_text,dialogue"]
+            lines += [",".join([i, header, _csv_field(text), _csv_field(eol.join(turns))])
+                      for i, header, text, turns in _MTS_ROWS[split]]
+            files[name] = "\r\n".join(lines) + final
+            expected[split] = [("\n".join(turns).strip(), (text,), {"section_header": header})
+                               for _, header, text, turns in _MTS_ROWS[split]]
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text.encode("utf-8"))
+    return expected
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_parse_small_files_of_the_real_schemas(preset, byte_tok, tmp_path):
+    """Each preset on its data set's schema: record count, the joined input, every reference kept for
+    evaluation, the first target trained on, prompt fields, multi-line CSV fields intact; then a batch."""
+    path = os.path.join(CONFIGS, f"{preset}.yaml")
+    cfg = config.load_config(DataConfig, path, [f"data_dir={tmp_path}", "batch_size=2"])
+    expected = _write_preset_files(preset, cfg, tmp_path)
+    for split in ("train", "eval"):
+        records = data.read_records(cfg, split)
+        assert [(r.input, r.targets, dict(r.fields)) for r in records] == expected[split], split
+
+    train, train_stats = prompts.build_train_examples(cfg, byte_tok)  # no max_examples: file order
+    evals, eval_stats = prompts.build_eval_examples(cfg, byte_tok)
+    assert (train_stats.records_read, eval_stats.records_read) == (len(expected["train"]), len(expected["eval"]))
+    assert len(train) == len(expected["train"]) and len(evals) == len(expected["eval"])
+    assert train_stats.inputs_truncated == eval_stats.inputs_truncated == train_stats.targets_truncated == 0
+    for example, (text, targets, fields) in zip(train, expected["train"]):
+        prompt = cfg.prompt_template.format(input=text, **fields)
+        assert byte_tok.decode(example.input_ids[example.target_mask == 0]) == prompt
+        assert byte_tok.decode(example.input_ids[example.target_mask == 1]) == targets[0] + "</s>"
+    for example, (text, targets, fields) in zip(evals, expected["eval"]):
+        assert byte_tok.decode(example.prompt_ids) == cfg.prompt_template.format(input=text, **fields)
+        assert example.references == targets  # all of them: scitldr's first dev record has 3
+    if preset == "scitldr":
+        assert max(len(e.references) for e in evals) == 3
+    if preset == "mts_dialog":  # a quoted field spanning lines, CRLF read as LF; "None" stays text
+        records = data.read_records(cfg, "train")
+        assert records[0].input.count("\n") == 3 and "\r" not in records[0].input
+        assert records[1].targets == ("Father: hypertension.\nMother: diabetes, type 2.",)
+        assert records[2].targets == ("None",)
+    if preset == "xscitldr_ja":  # the input is the Japanese abstract, not the English source
+        assert byte_tok.decode(evals[0].prompt_ids).count(_XSCITLDR["eval"][0][0]) == 0
+
+    it = TrainIterator(train, cfg, prompts.pad_token_id(byte_tok))
+    batch, rows = next(it), it.epoch_order(0)[:2]
+    longest = max(len(train[i].input_ids) for i in rows)
+    assert batch["input_ids"].shape == (2, batching.bucket_length(longest, cfg.length_buckets, cfg.max_length))
+    for row, i in enumerate(rows):
+        np.testing.assert_array_equal(batch["input_ids"][row, :len(train[i].input_ids)], train[i].input_ids)
+        np.testing.assert_array_equal(batch["target_mask"][row, :len(train[i].input_ids)], train[i].target_mask)
 
 
 def test_subsets_are_nested_and_seeded(tmp_path, char_tok):

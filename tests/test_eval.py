@@ -89,3 +89,35 @@ def test_reference_loss_equals_transformers(setup, tmp_path):
         total += float((nll * ex.target_mask[1:]).sum())
         count += float(ex.target_mask[1:].sum())
     assert count > 0 and np.isclose(ours, total / count, rtol=1e-5, atol=0)
+
+
+def test_reference_loss_scores_the_first_usable_examples_and_compiles_once(setup, tmp_path, monkeypatch):
+    """With ``max_eval_examples=2`` and the first record skipped as too long, the records scored are the 2nd
+    and 3rd (as ``build_eval_examples`` keeps them), not the 1st and 2nd; a second adapter of the same type
+    and a second call reuse the compiled program."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    import lora_merge_jax as lmj
+    from lora_merge_jax.evaluation import evaluate as evaluate_lib
+
+    records = [json.loads(line) for line in (setup / "task" / "dev.jsonl").read_text().splitlines()]
+    long_first = [{"document": " ".join(["apple"] * 60), "summary": "x"}, *records[:3]]
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "long.jsonl").write_text("\n".join(map(json.dumps, long_first)) + "\n")
+    (tmp_path / "task" / "two.jsonl").write_text("\n".join(map(json.dumps, records[:2])) + "\n")
+    base = dataclasses.replace(_cfg(setup, tmp_path).data, data_dir=str(tmp_path / "task"), on_overlong="skip")
+    model = lmj.load_pretrained(setup / "model")
+    lora = lmj.init_lora(model.config, jax.random.key(0), rank=2)
+    lora = lora.replace(b={n: v + 0.05 for n, v in lora.b.items()})
+    capped = dataclasses.replace(base, eval_file="long.jsonl", max_eval_examples=2)
+    both = dataclasses.replace(base, eval_file="two.jsonl")
+    assert np.isclose(evaluate_lib.reference_loss(model, lora, capped, batch_size=8),
+                      evaluate_lib.reference_loss(model, lora, both, batch_size=8), rtol=1e-6)
+
+    other = lora.replace(b={n: v * 2 for n, v in lora.b.items()})
+    compiled = evaluate_lib._reference_sums._cache_size()
+    evaluate_lib.reference_loss(model, other, both, batch_size=8)
+    assert evaluate_lib._reference_sums._cache_size() == compiled

@@ -20,8 +20,8 @@ def _quadratic(optimum):
     return lambda c: float(np.sum((c - optimum) ** 2))
 
 
-def test_search_finds_quadratic_optimum():
-    optimum = np.random.default_rng().uniform(-1.0, 1.0, 3)
+def test_search_finds_quadratic_optimum(rng):
+    optimum = rng.uniform(-1.0, 1.0, 3)
     weights, history = lorahub_search(_quadratic(optimum), 3, budget=100, l1_weight=0.0)
     assert len(history) == 100
     assert np.abs(weights - optimum).max() < 0.05
@@ -40,8 +40,7 @@ def test_l1_term_is_weight_times_mean_abs_and_pulls_to_zero():
     assert np.abs(pulled).max() < 0.05
 
 
-def test_same_seed_same_search():
-    rng = np.random.default_rng()
+def test_same_seed_same_search(rng):
     optimum, seed = rng.uniform(-1.0, 1.0, 4), int(rng.integers(1000))
     first, history_1 = lorahub_search(_quadratic(optimum), 4, budget=25, seed=seed)
     second, history_2 = lorahub_search(_quadratic(optimum), 4, budget=25, seed=seed)
@@ -60,10 +59,10 @@ PROMPT, LENGTH = 4, 12
 
 
 @pytest.fixture(scope="module")
-def task(llama_checkpoint):
+def task(llama_checkpoint, module_rng):
     """The tiny model, two strong random LoRAs, and batches of greedy continuations made with the first."""
     model = lmj.load_pretrained(llama_checkpoint)
-    cfg, rng = model.config, np.random.default_rng()
+    cfg, rng = model.config, module_rng
 
     def random_lora(rank=4, alpha=8.0):
         a, b, scale = {}, {}, {}
@@ -115,8 +114,7 @@ def test_lorahub_prefers_the_adapter_that_made_the_data(task):
     np.testing.assert_allclose(np.asarray(merged.a["q_proj"]), np.asarray(exact.a["q_proj"]), rtol=1e-6)
 
 
-def test_original_lorahub_composition_sums_factors():
-    rng = np.random.default_rng()
+def test_original_lorahub_composition_sums_factors(rng):
     shape_a, shape_b = (2, 8, 3), (2, 3, 5)
     adapters = [LoraAdapter({"q_proj": rng.normal(size=shape_a)}, {"q_proj": rng.normal(size=shape_b)},
                             {"q_proj": np.full(2, s, np.float32)}) for s in (2.0, 4.0)]

@@ -41,9 +41,9 @@ def _random_b(adapter, rng):
 
 
 @pytest.fixture(scope="module")
-def sources(model, tmp_path_factory):
+def sources(model, tmp_path_factory, module_rng):
     """A trained-looking MELoRA saved through PEFT, and a padded PEFT LoRA written by PEFT itself."""
-    rng = np.random.default_rng()
+    rng = module_rng
     root = tmp_path_factory.mktemp("sources")
     melora = _random_b(lmj.init_melora(model.config, jax.random.key(int(rng.integers(2**31))), num_blocks=BLOCKS,
                                        rank=BLOCK_RANK, alpha=4.0, target_modules=list(TARGETS)), rng)
@@ -98,9 +98,8 @@ def test_support_counts_exactly_the_parameters_of_each_source(model, sources):
         np.testing.assert_array_equal(np.asarray(s), 0.0)
 
 
-def test_pruned_merge_keeps_the_melora_blocks_and_prunes_half_of_the_real_parameters(model, sources):
+def test_pruned_merge_keeps_the_melora_blocks_and_prunes_half_of_the_real_parameters(model, sources, rng):
     _, melora_dir, padded_dir = sources
-    rng = np.random.default_rng()
     tasks = [lmj.load_peft_adapter(melora_dir, model), lmj.load_peft_adapter(padded_dir, model)]
     merged = lmj.merge_for_training(tasks, "task_layer")
     support_a, support_b = jax.device_get((merged.support_a, merged.support_b))
@@ -108,10 +107,10 @@ def test_pruned_merge_keeps_the_melora_blocks_and_prunes_half_of_the_real_parame
     state = init_state(merged, tx, seed=0, extra=pruning.init_statistics(PRUNE, merged))
     step_fn = make_train_step(model.config, tx, post_update=pruning.make_post_update(
         PRUNE, STEPS, model.config.num_hidden_layers))
-    step = jit_train_step(step_fn, state, model.weights, model.config, model.mesh, 4)
+    step = jit_train_step(step_fn, state, model.weights, model.config, model.mesh, 8)
     state = jax.device_put(state, step.state_shardings)
     for _ in range(STEPS):
-        state, _ = step(state, random_batch(rng, batch=4, length=16, vocab=model.config.vocab_size))
+        state, _ = step(state, random_batch(rng, batch=8, length=16, vocab=model.config.vocab_size))
     state = jax.device_get(state)
     sparsity = state.adapter.sparsity()
     for name in TARGETS:
@@ -152,3 +151,78 @@ def test_every_scope_prunes_its_share_of_the_real_parameters_only(model, sources
         groups = [(sum(v.sum() for v in live.values()), sum(v.sum() for v in kept.values()))]
     for live_G, kept_G in groups:
         np.testing.assert_array_equal(live_G - kept_G, np.floor(0.5 * live_G), err_msg=scope)
+
+
+def _expected_components(merged, stats_a, stats_b, criterion, target):
+    """numpy: per (projection, layer), the components kept when the lowest-scoring live ones are pruned to
+    ``target`` of the live components, each scored over its supported entries only."""
+    gains = {n: np.asarray(d.gain_R) for n, d in merged.deltas(None).items()}
+    keep = {}
+    for n in TARGETS:
+        a, b = np.asarray(merged.a[n], np.float64), np.asarray(merged.b[n], np.float64)
+        sa, sb = np.asarray(merged.support_a[n]), np.asarray(merged.support_b[n])
+        ma, mb = np.asarray(merged.mask_a[n]), np.asarray(merged.mask_b[n])
+        layers, _, rank = a.shape
+        keep[n] = np.zeros((layers, rank), bool)
+        for layer in range(layers):
+            scores, alive, live = [], [], []
+            for r in range(rank):
+                col_a, row_b = sa[layer, :, r] > 0, sb[layer, r, :] > 0
+                live.append(col_a.any() or row_b.any())
+                alive.append(live[-1] and ((ma[layer, :, r] * sa[layer, :, r]).any()
+                                           or (mb[layer, r, :] * sb[layer, r, :]).any()))
+                if criterion == "magnitude":
+                    scores.append(abs(gains[n][layer, r]) * np.linalg.norm(a[layer, col_a, r])
+                                  * np.linalg.norm(b[layer, r, row_b]))
+                else:
+                    scores.append(stats_a[n][layer, col_a, r].sum() + stats_b[n][layer, r, row_b].sum())
+            to_prune = int(np.floor(target * sum(live))) - (sum(live) - sum(alive))
+            order = [r for r in np.argsort(scores, kind="stable") if alive[r]]
+            for r in order[max(to_prune, 0):]:
+                keep[n][layer, r] = True
+    return keep
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "sensitivity"])
+@pytest.mark.parametrize("source", ["melora", "lora"])
+def test_component_pruning_scores_each_component_over_its_own_parameters(model, sources, source, criterion, rng):
+    """Component granularity against numpy: a MELoRA source's structural zeros are not part of a component
+    (before the fix every MELoRA component scored -inf and was pruned in index order, whatever its values),
+    and a component pruned earlier stays pruned and counts toward the target."""
+    _, melora_dir, padded_dir = sources
+    if source == "melora":
+        tasks = [lmj.load_peft_adapter(melora_dir, model), lmj.load_peft_adapter(melora_dir, model)]
+    else:
+        dense = lmj.init_lora(model.config, jax.random.key(int(rng.integers(2**31))), rank=3,
+                              target_modules=list(TARGETS))
+        tasks = [lmj.load_peft_adapter(padded_dir, model), _random_b(dense, rng)]
+    merged = jax.device_get(lmj.merge_for_training(tasks, "task_layer"))
+    support_a, support_b = merged.support_a, merged.support_b
+    # Distinct random values on every parameter (no ties), structural zeros kept at zero.
+    a = {n: (rng.normal(size=v.shape) * support_a[n]).astype(np.float32) for n, v in merged.a.items()}
+    b = {n: (rng.normal(size=v.shape) * support_b[n]).astype(np.float32) for n, v in merged.b.items()}
+    mask_a, mask_b = {n: np.array(v) for n, v in support_a.items()}, {n: np.array(v) for n, v in support_b.items()}
+    for n in TARGETS:  # prune one live component of every layer beforehand
+        for layer in range(model.config.num_hidden_layers):
+            live = np.flatnonzero(support_a[n][layer].any(axis=0) | support_b[n][layer].any(axis=1))
+            if live.size:
+                r = rng.choice(live)
+                mask_a[n][layer, :, r] = 0
+                mask_b[n][layer, r, :] = 0
+                a[n][layer, :, r] = 0
+                b[n][layer, r, :] = 0
+    merged = merged.replace(a=a, b=b, mask_a=mask_a, mask_b=mask_b)
+    # Sensitivities everywhere, structural entries included: they must not count.
+    stats_a = {n: rng.uniform(0.1, 1.0, v.shape).astype(np.float32) for n, v in a.items()}
+    stats_b = {n: rng.uniform(0.1, 1.0, v.shape).astype(np.float32) for n, v in b.items()}
+    stats = {"sensitivity": pruning.FactorScores(a=stats_a, b=stats_b)}
+    cfg = lmj.PruneConfig(criterion=criterion, granularity="component", scope="module", final_sparsity=0.5)
+    target_L = jnp.full((model.config.num_hidden_layers,), 0.5)
+    got_a, got_b = jax.device_get(pruning.new_masks(cfg, merged, stats, target_L))
+    want = _expected_components(merged, stats_a, stats_b, criterion, 0.5)
+    for n in TARGETS:
+        kept = (got_a[n] * support_a[n]).any(axis=1) | (got_b[n] * support_b[n]).any(axis=2)
+        np.testing.assert_array_equal(kept, want[n], err_msg=f"{source} {criterion} {n}")
+        # A pruned component is pruned whole: its column of A and row of B.
+        np.testing.assert_array_equal(got_a[n], mask_a[n] * kept[:, None, :])
+        np.testing.assert_array_equal(got_b[n], mask_b[n] * kept[:, :, None])

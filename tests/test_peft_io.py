@@ -1,6 +1,6 @@
 """PEFT import/export: our forward against PEFT's own, exact round trips both ways, and refused inputs.
 
-Every numerical test draws fresh random factors and tokens; logits are float32 and compared on the
+Every numerical test draws random factors and tokens from its seed; logits are float32 and compared on the
 non-padded positions only (padded rows are undefined), within TOL.
 """
 
@@ -87,9 +87,8 @@ PARITY_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(PARITY_CASES))
-def test_peft_adapter_gives_peft_logits(case, tiny, tmp_path):
+def test_peft_adapter_gives_peft_logits(case, tiny, tmp_path, rng):
     name, kwargs = PARITY_CASES[case]
-    rng = np.random.default_rng()
     peft_model = peft.get_peft_model(hf_models.build(name), peft.LoraConfig(**kwargs)).eval()
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     with torch.no_grad():
@@ -138,8 +137,8 @@ def _lora_mixed(cfg, key):
 
 
 def _merged_like(cfg, key):
-    del key  # numpy draws: jax.random would compile for every new shape
-    rng = np.random.default_rng()
+    # numpy draws seeded by the key (jax.random would compile for every new shape)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
     a, b, gain = {}, {}, {}
     for proj in ("q_proj", "v_proj"):
         d_in, d_out = cfg.projection_shape(proj)
@@ -169,9 +168,8 @@ EXPORT_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(EXPORT_CASES))
-def test_saved_adapter_loads_in_peft_and_back(case, tiny, tmp_path):
+def test_saved_adapter_loads_in_peft_and_back(case, tiny, tmp_path, rng):
     name, make = EXPORT_CASES[case]
-    rng = np.random.default_rng()
     model = tiny(name)
     adapter = _with_random_b(_make(make, model.config, rng), rng)
     peft_export.save_peft_adapter(adapter, tmp_path / "adapter", model, base_model_name_or_path="tiny/" + name)
@@ -187,9 +185,9 @@ def test_saved_adapter_loads_in_peft_and_back(case, tiny, tmp_path):
     assert _max_diff(ours, _ours(model, ids, mask, reloaded), mask) < SAME
 
 
-def test_export_config_is_exact_and_minimal(tiny, tmp_path):
+def test_export_config_is_exact_and_minimal(tiny, tmp_path, rng):
     model = tiny("qwen2")
-    mixed = _make(_lora_mixed, model.config, np.random.default_rng())
+    mixed = _make(_lora_mixed, model.config, rng)
     conf = json.loads((peft_export.save_peft_adapter(mixed, tmp_path / "m", model) / peft_io.CONFIG_NAME).read_text())
     # v_proj is adapted in layer 1 only, the others in both: a regex, since layers_to_transform is global.
     assert conf["layers_to_transform"] is None
@@ -205,7 +203,7 @@ def test_export_config_is_exact_and_minimal(tiny, tmp_path):
                                      r"model\.layers\.1\.mlp\.up_proj": 3.0}
     assert conf["lora_dropout"] == 0.1
 
-    melora = _make(EXPORT_CASES["melora_uniform"][1], model.config, np.random.default_rng())
+    melora = _make(EXPORT_CASES["melora_uniform"][1], model.config, rng)
     conf = json.loads((peft_export.save_peft_adapter(melora, tmp_path / "b", model) / peft_io.CONFIG_NAME).read_text())
     assert (conf["r"], conf["lora_alpha"], conf["target_modules"]) == (8, 16.0, ["q_proj", "v_proj"])
 
@@ -225,9 +223,8 @@ def test_exported_patterns_are_anchored_to_one_layer():
                     "model.layers.11.self_attn.v_proj"}
 
 
-def test_lowrank_factors_reproduce_every_delta(tiny):
+def test_lowrank_factors_reproduce_every_delta(tiny, rng):
     model = tiny("llama3")
-    rng = np.random.default_rng()
     for make in (EXPORT_CASES["melora_mixed"][1], _merged_like, _lora_mixed):
         adapter = _with_random_b(_make(make, model.config, rng), rng)
         for proj, delta in adapter.deltas(model.config).items():
@@ -237,9 +234,8 @@ def test_lowrank_factors_reproduce_every_delta(tiny):
 
 
 @pytest.mark.parametrize("kind", ["lora", "melora"])
-def test_merged_model_loads_in_transformers(kind, tiny, tmp_path):
+def test_merged_model_loads_in_transformers(kind, tiny, tmp_path, rng):
     model = tiny("llama3")
-    rng = np.random.default_rng()
     adapter = _with_random_b(_make(EXPORT_CASES[f"{kind}_uniform"][1], model.config, rng), rng)
     hf.save_merged_model(model, adapter, tmp_path / "merged")
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
@@ -253,9 +249,8 @@ def test_merged_model_loads_in_transformers(kind, tiny, tmp_path):
 _KEY = "base_model.model.model.layers.{i}.self_attn.{p}.lora_{f}.weight"
 
 
-def _write_adapter(path, conf=None, extra=None, drop=()):
+def _write_adapter(path, rng, conf=None, extra=None, drop=()):
     """A valid rank-2 q_proj adapter for the tiny 2-layer, hidden-64 models, then the requested damage."""
-    rng = np.random.default_rng()
     tensors = {_KEY.format(i=i, p="q_proj", f=f): rng.normal(size=s).astype(np.float32)
                for i in range(2) for f, s in (("A", (2, 64)), ("B", (64, 2)))}
     tensors.update(extra or {})
@@ -298,16 +293,16 @@ BAD_ADAPTERS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ADAPTERS))
-def test_bad_adapter_is_refused_with_its_key(case, tiny, tmp_path):
+def test_bad_adapter_is_refused_with_its_key(case, tiny, tmp_path, rng):
     damage, match = BAD_ADAPTERS[case]
-    path = _write_adapter(tmp_path / case, **damage)
+    path = _write_adapter(tmp_path / case, rng, **damage)
     with pytest.raises(ValueError, match=match):
         peft_io.load_peft_adapter(path, tiny("llama3"))
 
 
-def test_keys_with_an_adapter_name_load_the_same(tiny, tmp_path):
+def test_keys_with_an_adapter_name_load_the_same(tiny, tmp_path, rng):
     model = tiny("llama3")
-    plain = _write_adapter(tmp_path / "plain", conf={"layers_to_transform": []})  # [] means every layer in PEFT
+    plain = _write_adapter(tmp_path / "plain", rng, conf={"layers_to_transform": []})  # [] means every layer in PEFT
     named = tmp_path / "named"
     named.mkdir()
     weights = SafetensorsFile(plain / peft_io.WEIGHTS_NAME)
@@ -321,18 +316,18 @@ def test_keys_with_an_adapter_name_load_the_same(tiny, tmp_path):
     np.testing.assert_array_equal(np.asarray(a.scale["q_proj"]), [2.0, 2.0])
 
 
-def test_missing_or_malformed_files_are_named(tiny, tmp_path):
+def test_missing_or_malformed_files_are_named(tiny, tmp_path, rng):
     model = tiny("llama3")
     with pytest.raises(FileNotFoundError, match="nowhere: no such PEFT adapter directory"):
         peft_io.load_peft_adapter(tmp_path / "nowhere", model)
-    path = _write_adapter(tmp_path / "a")
+    path = _write_adapter(tmp_path / "a", rng)
     (path / peft_io.CONFIG_NAME).write_text('{"peft_type": "LORA", "r": ')
     with pytest.raises(ValueError, match="adapter_config.json: not valid JSON"):
         peft_io.load_peft_adapter(path, model)
     (path / peft_io.CONFIG_NAME).unlink()
     with pytest.raises(FileNotFoundError, match="adapter_config.json: missing"):
         peft_io.load_peft_adapter(path, model)
-    path = _write_adapter(tmp_path / "b")
+    path = _write_adapter(tmp_path / "b", rng)
     (path / peft_io.WEIGHTS_NAME).rename(path / "adapter_model.bin")
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors: missing .*pickle"):
         peft_io.load_peft_adapter(path, model)
@@ -349,9 +344,9 @@ def test_adapter_for_another_model_names_tensor_and_shapes(tiny, tmp_path):
         peft_io.load_peft_adapter(tmp_path, tiny("llama3"))
 
 
-def test_save_refuses_a_file_path_and_an_empty_adapter(tiny, tmp_path):
+def test_save_refuses_a_file_path_and_an_empty_adapter(tiny, tmp_path, rng):
     model = tiny("llama3")
-    adapter = _make(lmj.init_lora, model.config, np.random.default_rng())
+    adapter = _make(lmj.init_lora, model.config, rng)
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="file: exists and is not a directory"):
         peft_export.save_peft_adapter(adapter, tmp_path / "file", model)

@@ -1,4 +1,4 @@
-"""merge_adapters against PEFT's add_weighted_adapter on the tiny Llama 3, with fresh random LoRA factors.
+"""merge_adapters against PEFT's add_weighted_adapter on the tiny Llama 3, with seeded random LoRA factors.
 
 PEFT adapters are made with random non-zero A and B, saved, reloaded with PeftModel.from_pretrained +
 load_adapter and merged by PEFT; our LoraAdapter is built from the same tensors (a small loader below, so the
@@ -69,8 +69,7 @@ def _delta_FxD(adapter, proj, layer):
 
 
 @pytest.fixture(scope="module")
-def peft_model(tmp_path_factory):
-    rng = np.random.default_rng()
+def peft_model(tmp_path_factory, module_rng):
     root = tmp_path_factory.mktemp("peft_adapters")
     for name, (rank, alpha, pattern) in TASKS.items():
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0,
@@ -79,7 +78,7 @@ def peft_model(tmp_path_factory):
         with torch.no_grad():
             for pname, p in model.named_parameters():
                 if "lora_" in pname:
-                    p.copy_(torch.from_numpy(rng.normal(0.0, 0.3, p.shape).astype(np.float32)))
+                    p.copy_(torch.from_numpy(module_rng.normal(0.0, 0.3, p.shape).astype(np.float32)))
         model.save_pretrained(root / name)
     names = list(TASKS)
     model = PeftModel.from_pretrained(hf_models.build("llama3"), root / names[0], adapter_name=names[0])
@@ -114,8 +113,8 @@ CASES = [
 
 @pytest.mark.filterwarnings("ignore:The density 1.0 is greater than or equal to 1")  # PEFT's, at density 1
 @pytest.mark.parametrize("names,method,options", CASES, ids=[f"{m}-{len(n)}-{i}" for i, (n, m, _) in enumerate(CASES)])
-def test_delta_weights_match_peft(peft_model, ours, names, method, options):
-    weights = np.random.default_rng().uniform(-1.0, 1.5, len(names)).round(3).tolist()
+def test_delta_weights_match_peft(peft_model, ours, names, method, options, rng):
+    weights = rng.uniform(-1.0, 1.5, len(names)).round(3).tolist()
     merged_name = next(_names)
     peft_model.add_weighted_adapter(names, weights, merged_name, combination_type=method, **options)
     merged = merge_adapters([ours[n] for n in names], weights, method, key=jax.random.key(0), **options)
@@ -132,11 +131,11 @@ def _clamp_rule(us_FxR, vh_RxD, quantile):
     return np.clip(us_FxR, -high, high), np.clip(vh_RxD, -high, high)
 
 
-def test_svd_clamp_is_peft_rule_up_to_singular_vector_signs(peft_model, ours):
+def test_svd_clamp_is_peft_rule_up_to_singular_vector_signs(peft_model, ours, rng):
     # The clamp threshold depends on the signs of the singular vectors, which LAPACK builds choose differently
     # (torch's and jax's differ), so PEFT's clamped merge is only defined up to them: we check the rule.
     names, quantile = PLAIN, 0.9
-    weights = np.random.default_rng().uniform(-1.0, 1.5, 3).tolist()
+    weights = rng.uniform(-1.0, 1.5, 3).tolist()
     merged_name = next(_names)
     peft_model.add_weighted_adapter(names, weights, merged_name, combination_type="svd", svd_rank=5,
                                     svd_clamp=quantile)
@@ -157,12 +156,12 @@ def test_svd_clamp_is_peft_rule_up_to_singular_vector_signs(peft_model, ours):
             np.testing.assert_allclose(us_FxR @ vh_RxD, peft_us @ peft_vh, atol=TOL)
 
 
-def test_cat_logits_match_peft(peft_model, ours, tiny_model):
-    weights = np.random.default_rng().uniform(-1.0, 1.0, 3).tolist()
+def test_cat_logits_match_peft(peft_model, ours, tiny_model, rng):
+    weights = rng.uniform(-1.0, 1.0, 3).tolist()
     merged_name = next(_names)
     peft_model.add_weighted_adapter(PLAIN, weights, merged_name, combination_type="cat")
     peft_model.set_adapter(merged_name)
-    ids = np.random.default_rng().integers(0, 128, (2, 11))
+    ids = rng.integers(0, 128, (2, 11))
     with torch.no_grad():
         ref = peft_model(torch.tensor(ids)).logits.numpy()
     merged = merge_adapters([ours[n] for n in PLAIN], weights, "cat")
@@ -184,14 +183,14 @@ def _q_only(adapter):
                        {"q_proj": adapter.scale["q_proj"]})
 
 
-def _key():
-    return jax.random.key(np.random.default_rng().integers(2**31))
+def _key(rng):
+    return jax.random.key(rng.integers(2**31))
 
 
-def test_dare_linear_keeps_density_fraction_rescaled(ours):
+def test_dare_linear_keeps_density_fraction_rescaled(ours, rng):
     density, first, second = 0.3, _q_only(ours["task0"]), _q_only(ours["task1"])
     # Weight 0 on the second adapter leaves sqrt(s_0) * mask * A_0 / density (and the same for B).
-    merged = merge_adapters([first, second], [1.0, 0.0], "dare_linear", density=density, key=_key())
+    merged = merge_adapters([first, second], [1.0, 0.0], "dare_linear", density=density, key=_key(rng))
     root_L = np.sqrt(np.asarray(first.scale["q_proj"]))
     kept, total = 0, 0
     for field in ("a", "b"):
@@ -203,9 +202,9 @@ def test_dare_linear_keeps_density_fraction_rescaled(ours):
     assert abs(kept / total - density) < 0.05  # 2048 entries: 4.5 standard deviations
 
 
-def test_dare_ties_keeps_entries_either_copy_kept_and_follows_the_key(ours):
+def test_dare_ties_keeps_entries_either_copy_kept_and_follows_the_key(ours, rng):
     density, adapter = 0.4, _q_only(ours["task1"])
-    key = _key()
+    key = _key(rng)
     merged = merge_adapters([adapter, adapter], [1.0, 1.0], "dare_ties", density=density, key=key)
     # Both copies agree in sign, so an entry is x * sqrt(s) / density when either copy kept it, else 0.
     got = np.asarray(merged.a["q_proj"])
@@ -214,15 +213,15 @@ def test_dare_ties_keeps_entries_either_copy_kept_and_follows_the_key(ours):
     np.testing.assert_allclose(got[mask], full[mask], rtol=1e-5)
     assert abs(mask.mean() - (1 - (1 - density) ** 2)) < 0.06
     again = merge_adapters([adapter, adapter], [1.0, 1.0], "dare_ties", density=density, key=key)
-    other = merge_adapters([adapter, adapter], [1.0, 1.0], "dare_ties", density=density, key=_key())
+    other = merge_adapters([adapter, adapter], [1.0, 1.0], "dare_ties", density=density, key=_key(rng))
     np.testing.assert_array_equal(np.asarray(again.a["q_proj"]), got)
     assert not np.array_equal(np.asarray(other.a["q_proj"]), got)
 
 
-def test_dare_linear_svd_full_rank_prunes_the_delta(ours):
+def test_dare_linear_svd_full_rank_prunes_the_delta(ours, rng):
     density, adapter = 0.5, _q_only(ours["task0"])
     merged = merge_adapters([adapter, _q_only(ours["task1"])], [1.0, 0.0], "dare_linear_svd", density=density,
-                            svd_rank=64, key=_key())
+                            svd_rank=64, key=_key(rng))
     got, full = _delta_FxD(merged, "q_proj", 1), _delta_FxD(adapter, "q_proj", 1) / density
     mask = np.abs(got) > 1e-3 * np.abs(full).max()
     np.testing.assert_allclose(got[mask], full[mask], atol=1e-4)
@@ -250,8 +249,7 @@ def _random_lora(cfg, rng, rank, alpha, target_modules, layers=None):
     return LoraAdapter(a, b, scale)
 
 
-def test_exact_is_sum_of_scaled_deltas_whatever_the_targets(cfg):
-    rng = np.random.default_rng()
+def test_exact_is_sum_of_scaled_deltas_whatever_the_targets(cfg, rng):
     adapters = [_random_lora(cfg, rng, 4, 8.0, ["q_proj", "v_proj"]),
                 _random_lora(cfg, rng, 2, 4.0, ["k_proj", "v_proj"], layers=[1]),
                 _random_lora(cfg, rng, 6, 3.0, ["down_proj"])]
@@ -265,8 +263,7 @@ def test_exact_is_sum_of_scaled_deltas_whatever_the_targets(cfg):
     assert np.asarray(merged.scale["k_proj"]).tolist() == [0.0, 1.0]  # adapted in layer 1 only
 
 
-def test_exact_single_adapter_weight_one_is_the_adapter(tiny_model):
-    rng = np.random.default_rng()
+def test_exact_single_adapter_weight_one_is_the_adapter(tiny_model, rng):
     # Same targets, rank and batch shape as test_cat_logits_match_peft's merge: the forward compiles once.
     adapter = _random_lora(tiny_model.config, rng, 16, 8.0, TARGETS)
     merged = merge_adapters([adapter], [1.0], "exact")
@@ -275,10 +272,10 @@ def test_exact_single_adapter_weight_one_is_the_adapter(tiny_model):
     np.testing.assert_allclose(np.asarray(got), np.asarray(lmj.forward(tiny_model, ids, adapter=adapter)), atol=1e-5)
 
 
-def test_exact_is_jittable_in_the_weights(ours):
+def test_exact_is_jittable_in_the_weights(ours, rng):
     pair = [ours["task0"], ours["task2"]]
     merge = jax.jit(lambda c: merge_adapters(pair, c, "exact"))
-    coefficients = np.random.default_rng().uniform(-1, 1, 2).astype(np.float32)
+    coefficients = rng.uniform(-1, 1, 2).astype(np.float32)
     got, want = merge(coefficients), merge_adapters(pair, coefficients.tolist(), "exact")
     np.testing.assert_allclose(np.asarray(got.a["q_proj"]), np.asarray(want.a["q_proj"]), rtol=1e-6)
 
@@ -306,8 +303,7 @@ def cfg():
     (lambda q, q8, v, late: merge_adapters([q, q], [1, 1], "ties", density=0.5, majority_sign_method="mean"),
      "majority_sign_method must be"),
 ])
-def test_errors(cfg, call, message):
-    rng = np.random.default_rng()
+def test_errors(cfg, call, message, rng):
     q = _random_lora(cfg, rng, 4, 8.0, ["q_proj"])
     q8 = _random_lora(cfg, rng, 8, 8.0, ["q_proj"])
     v = _random_lora(cfg, rng, 4, 8.0, ["q_proj", "v_proj"])

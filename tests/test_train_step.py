@@ -43,11 +43,11 @@ def _sgd_trainer(model, batch_size=8, remat=False, max_target_tokens=None):
     return state, jit_train_step(step_fn, state, model.weights, model.config, model.mesh, batch_size)
 
 
-def test_first_loss_equals_transformers_target_loss(tiny_dir):
+def test_first_loss_equals_transformers_target_loss(tiny_dir, rng):
     """B = 0 at init, so the first step's loss is the base model's target-token loss, which torch computes."""
     model = lmj.load_pretrained(tiny_dir)
     state, step = _trainer(model)
-    batch = random_batch(np.random.default_rng())
+    batch = random_batch(rng)
     _, metrics = step(state, batch)
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     ids = torch.tensor(batch["input_ids"][0], dtype=torch.long)
@@ -57,10 +57,10 @@ def test_first_loss_equals_transformers_target_loss(tiny_dir):
     assert abs(float(metrics["loss"]) - ref) < 1e-4
 
 
-def test_loss_falls_on_a_learnable_task(tiny_dir):
+def test_loss_falls_on_a_learnable_task(tiny_dir, rng):
     model = lmj.load_pretrained(tiny_dir)
     state, step = _trainer(model, lr=2e-2)
-    batch = random_batch(np.random.default_rng(), vocab=12)  # a fixed batch: memorisable
+    batch = random_batch(rng, vocab=12)  # a fixed batch: memorisable
     first = None
     for _ in range(40):
         state, metrics = step(state, batch)
@@ -68,15 +68,15 @@ def test_loss_falls_on_a_learnable_task(tiny_dir):
     assert float(metrics["loss"]) < 0.6 * first
 
 
-def test_no_gradient_buffer_for_base_weights(tmp_path):
+def test_no_gradient_buffer_for_base_weights(tmp_path, rng):
     """Weights dominate this model, so a base-weight gradient would double the memory; ours stays small.
 
     The step's temporaries hold one layer's weight slices (the scan's dynamic slices), about 1/L of them.
     """
     path = tiny.make_tiny_model(tmp_path / "wide", hidden=128, ffw=512, layers=8)
     model = lmj.load_pretrained(path)
-    state, step = _trainer(model, batch_size=1)
-    batch = random_batch(np.random.default_rng(), batch=1, length=8)
+    state, step = _trainer(model, batch_size=8)
+    batch = random_batch(rng, batch=8, length=8)
     compiled = step.jitted.lower(state, model.weights, batch).compile()
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.weights))
     temp = compiled.memory_analysis().temp_size_in_bytes
@@ -92,8 +92,8 @@ def test_no_gradient_buffer_for_base_weights(tmp_path):
     assert full.memory_analysis().temp_size_in_bytes + full.memory_analysis().output_size_in_bytes >= weight_bytes
 
 
-def test_eight_devices_match_one(tiny_dir):
-    batch = random_batch(np.random.default_rng())
+def test_eight_devices_match_one(tiny_dir, rng):
+    batch = random_batch(rng)
     results = []
     for mesh_cfg, devices in ((MeshConfig(), jax.devices()[:1]), (MeshConfig(data=2, fsdp=2, tensor=2), None)):
         model = lmj.load_pretrained(tiny_dir, mesh=make_mesh(mesh_cfg, devices))
@@ -105,10 +105,10 @@ def test_eight_devices_match_one(tiny_dir):
         np.testing.assert_allclose(one, many, atol=2e-5, rtol=1e-4)
 
 
-def test_gradient_accumulation_equals_one_big_batch(tiny_dir):
+def test_gradient_accumulation_equals_one_big_batch(tiny_dir, rng):
     model = lmj.load_pretrained(tiny_dir)
-    big = random_batch(np.random.default_rng(), batch=8)
-    micro = {k: v.reshape(2, 4, -1) for k, v in big.items()}
+    big = random_batch(rng, batch=16)
+    micro = {k: v.reshape(2, 8, -1) for k, v in big.items()}
     outs = []
     for batch in (big, micro):
         state, step = _sgd_trainer(model, batch_size=batch["input_ids"].shape[1])
@@ -120,10 +120,10 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_dir):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_non_finite_step_is_skipped_and_counted(tiny_dir):
+def test_non_finite_step_is_skipped_and_counted(tiny_dir, rng):
     model = lmj.load_pretrained(tiny_dir)
     state, step = _trainer(model)
-    batch = random_batch(np.random.default_rng())
+    batch = random_batch(rng)
     state, _ = step(state, batch)
     before = leaves((state.trainable, state.opt_state))
     poisoned = jax.tree.map(lambda w: w.at[(0,) * w.ndim].set(jnp.nan), model.weights)
@@ -136,17 +136,17 @@ def test_non_finite_step_is_skipped_and_counted(tiny_dir):
     assert bool(metrics["finite"]) and int(state.skipped_in_a_row) == 0
 
 
-def test_adapter_and_optimizer_stay_float32_with_bfloat16_base(tiny_dir):
+def test_adapter_and_optimizer_stay_float32_with_bfloat16_base(tiny_dir, rng):
     model = lmj.load_pretrained(tiny_dir, dtype="bfloat16")
     state, step = _trainer(model)
-    state, metrics = step(state, random_batch(np.random.default_rng()))
+    state, metrics = step(state, random_batch(rng))
     assert np.isfinite(float(metrics["loss"]))
     assert {x.dtype for x in jax.tree.leaves((state.trainable, state.opt_state)) if x.ndim > 0} == {jnp.dtype("float32")}
     
 
-def test_remat_changes_memory_not_results(tiny_dir):
+def test_remat_changes_memory_not_results(tiny_dir, rng):
     model = lmj.load_pretrained(tiny_dir)
-    batch = random_batch(np.random.default_rng())
+    batch = random_batch(rng)
     outs = []
     for remat in (False, True):
         state, step = _sgd_trainer(model, remat=remat)
@@ -194,10 +194,9 @@ def _ragged_batch(rng: np.random.Generator, micro: int = 2, batch: int = 8, leng
     return {"input_ids": ids, "attention_mask": attention, "target_mask": target}
 
 
-def test_lm_head_on_target_positions_only_gives_the_same_step(tiny_dir):
+def test_lm_head_on_target_positions_only_gives_the_same_step(tiny_dir, rng):
     """With max_target_tokens the LM head runs on the target positions only: the same loss and gradients."""
     model = lmj.load_pretrained(tiny_dir)
-    rng = np.random.default_rng()
     batch = _ragged_batch(rng)
     bound = int(batch["target_mask"][..., 1:].sum(-1).max())
     grads, losses_ = [], []

@@ -69,7 +69,7 @@ def test_existing_checkpoints_need_resume_and_the_same_config(uninterrupted, tmp
 
 def _train_cmd(out: Path, *extra: str) -> list[str]:
     sets = [f"output_dir={out}", "train.steps=6", "train.save_every=1", "train.log_every=1",
-            "train.progress=false", "data.batch_size=4", "optim.learning_rate=0.01", "adapter.rank=4"]
+            "train.progress=false", "data.batch_size=8", "optim.learning_rate=0.01", "adapter.rank=4"]
     return [sys.executable, str(REPO / "train.py"), *[a for s in sets for a in ("--set", s)], *extra]
 
 

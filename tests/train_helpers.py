@@ -12,7 +12,7 @@ from lora_merge_jax.training.config import TrainConfig
 def tiny_train_config(out, *overrides: str) -> TrainConfig:
     """The embedded tiny model and task with a short, fast run."""
     base = [f"output_dir={out}", "train.steps=6", "train.save_every=3", "train.log_every=1",
-            "train.progress=false", "train.async_checkpoints=false", "data.batch_size=4",
+            "train.progress=false", "train.async_checkpoints=false", "data.batch_size=8",
             "optim.learning_rate=0.01", "adapter.rank=4"]
     return config.load_config(TrainConfig, None, base + list(overrides))
 

@@ -6,6 +6,14 @@ epoch e is ``np.random.default_rng([shuffle_seed, e]).permutation(n)``; the last
 is dropped (every step has the same global batch size). The iterator's position is the small dict
 ``{"epoch", "batch_index", ...}`` that goes into a checkpoint.
 
+Packing (``packing: true``). Each epoch's shuffled examples are placed, first fit, into rows of at most
+``max_length`` tokens, and batches are made of rows instead of examples. A row carries ``segment_ids``
+(1, 2, ... per example, 0 on padding), so attention never crosses examples, and ``positions`` restarting at
+0 in each example; the loss stays on each example's own target tokens. A row also holds at most
+``packed_target_tokens`` target tokens (4x the longest single target), the bound the train step's
+target-only LM head is built for. The rows of an epoch depend only on its order, so a restored iterator
+packs them again identically.
+
 Multi-host. Every host tokenises the whole (small) data set and computes the same order, so all hosts agree
 on each global batch and its padded length; host p of P returns rows ``[p * B/P, (p + 1) * B/P)`` of it,
 ready for ``jax.make_array_from_process_local_data`` when the batch axis is split over hosts in process order.
@@ -77,6 +85,46 @@ def pad_batch(sequences: Sequence[np.ndarray], length: int, pad_id: int, *,
     return batch
 
 
+def pad_packed(rows: Sequence[Sequence[TokenizedExample]], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Rows of several examples each, right-padded to ``length``: ``pad_batch``'s arrays plus ``segment_ids``
+    (example k of a row is k + 1, padding 0) and ``positions`` (restarting at 0 in each example)."""
+    batch = {"input_ids": np.full((len(rows), length), pad_id, np.int32)}
+    for key in ("attention_mask", "target_mask", "segment_ids", "positions"):
+        batch[key] = np.zeros((len(rows), length), np.int32)
+    for r, row in enumerate(rows):
+        start = 0
+        for k, example in enumerate(row, 1):
+            span = slice(start, start + len(example.input_ids))
+            batch["input_ids"][r, span] = example.input_ids
+            batch["attention_mask"][r, span] = 1
+            batch["target_mask"][r, span] = example.target_mask
+            batch["segment_ids"][r, span] = k
+            batch["positions"][r, span] = np.arange(len(example.input_ids))
+            start = span.stop
+    return batch
+
+
+def pack(order: Sequence[int], lengths: np.ndarray, targets: np.ndarray, max_length: int,
+         max_targets: int) -> list[list[int]]:
+    """First-fit packing of examples, taken in ``order``, into rows of at most ``max_length`` tokens and
+    ``max_targets`` target tokens; returns each row's example indices, rows in order of creation."""
+    rows: list[list[int]] = []
+    room, target_room = [], []  # per row: tokens and target tokens still free
+    for i in order:
+        n, m = int(lengths[i]), int(targets[i])
+        for r in range(len(rows)):
+            if room[r] >= n and target_room[r] >= m:
+                rows[r].append(int(i))
+                room[r] -= n
+                target_room[r] -= m
+                break
+        else:
+            rows.append([int(i)])
+            room.append(max_length - n)
+            target_room.append(max_targets - m)
+    return rows
+
+
 def _host_rows(batch_size: int, process_index: int, process_count: int) -> slice:
     if not 0 <= process_index < process_count or batch_size % process_count:
         raise ValueError(f"need 0 <= process_index ({process_index}) < process_count ({process_count}) and "
@@ -109,17 +157,34 @@ class TrainIterator:
         self.examples, self.cfg, self.pad_id, self.num_epochs = examples, cfg, pad_id, num_epochs
         self._rows = _host_rows(cfg.batch_size, process_index, process_count)
         self._lengths = np.array([len(e.input_ids) for e in examples])
+        self._targets = np.array([int(e.target_mask.sum()) for e in examples])
         self._epoch, self._batch_index = 0, 0
         self._order_epoch, self._order = -1, np.arange(0)
+        self._packed_epoch, self._packed = -1, []  # the packed rows of one epoch, made on demand
+
+    @property
+    def packed_target_tokens(self) -> int:
+        """The most target tokens a packed row may hold: 4x the longest single target (at most max_length)."""
+        return min(self.cfg.max_length, 4 * int(self._targets.max(initial=0)))
+
+    @property
+    def max_target_tokens(self) -> int:
+        """A bound on the target tokens of any row this iterator yields (``make_train_step``'s bound)."""
+        return self.packed_target_tokens if self.cfg.packing else int(self._targets.max(initial=0))
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Full global batches of ``epoch`` (the last partial batch is dropped); with packing, of rows."""
+        units = len(self._epoch_rows(epoch)) if self.cfg.packing else len(self.examples)
+        return units // self.cfg.batch_size
 
     @property
     def steps_per_epoch(self) -> int:
-        """Full global batches per epoch (the last partial batch is dropped)."""
-        return len(self.examples) // self.cfg.batch_size
+        """Full global batches of the current epoch."""
+        return self.steps_in_epoch(self._epoch)
 
     def _identity(self) -> dict[str, int]:
         return {"shuffle_seed": self.cfg.shuffle_seed, "num_examples": len(self.examples),
-                "batch_size": self.cfg.batch_size}
+                "batch_size": self.cfg.batch_size, "packing": int(self.cfg.packing)}
 
     def state(self) -> dict[str, int]:
         """The position of the next batch, plus what it is only valid for; plain ints, for checkpoints."""
@@ -128,11 +193,12 @@ class TrainIterator:
     def restore(self, state: Mapping[str, Any]) -> None:
         """Continues from a ``state()``; refuses one saved for a different data set, seed or batch size."""
         for key, value in self._identity().items():
-            if int(state[key]) != value:
-                raise ValueError(f"iterator state has {key}={state[key]}, this iterator has {value}")
-        if not 0 <= int(state["batch_index"]) <= self.steps_per_epoch:
-            raise ValueError(f"iterator state batch_index={state['batch_index']} is outside 0.."
-                             f"{self.steps_per_epoch}")
+            saved = int(state.get(key, 0)) if key == "packing" else int(state[key])  # older states: no packing
+            if saved != value:
+                raise ValueError(f"iterator state has {key}={saved}, this iterator has {value}")
+        steps = self.steps_in_epoch(int(state["epoch"]))
+        if not 0 <= int(state["batch_index"]) <= steps:
+            raise ValueError(f"iterator state batch_index={state['batch_index']} is outside 0..{steps}")
         self._epoch, self._batch_index = int(state["epoch"]), int(state["batch_index"])
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -142,6 +208,13 @@ class TrainIterator:
             self._order_epoch, self._order = epoch, rng.permutation(len(self.examples))
         return self._order
 
+    def _epoch_rows(self, epoch: int) -> list[list[int]]:
+        if epoch != self._packed_epoch:
+            self._packed_epoch = epoch
+            self._packed = pack(self.epoch_order(epoch), self._lengths, self._targets, self.cfg.max_length,
+                                self.packed_target_tokens)
+        return self._packed
+
     def __iter__(self) -> TrainIterator:
         return self
 
@@ -150,9 +223,14 @@ class TrainIterator:
             self._epoch, self._batch_index = self._epoch + 1, 0
         if self.num_epochs is not None and self._epoch >= self.num_epochs:
             raise StopIteration
-        size = self.cfg.batch_size
-        rows = self.epoch_order(self._epoch)[self._batch_index * size:(self._batch_index + 1) * size]
-        length = bucket_length(int(self._lengths[rows].max()), self.cfg.length_buckets, self.cfg.max_length)
+        size, index = self.cfg.batch_size, self._batch_index
         self._batch_index += 1
+        if self.cfg.packing:
+            rows = self._epoch_rows(self._epoch)[index * size:(index + 1) * size]
+            length = bucket_length(max(int(self._lengths[r].sum()) for r in rows), self.cfg.length_buckets,
+                                   self.cfg.max_length)
+            return pad_packed([[self.examples[i] for i in r] for r in rows[self._rows]], length, self.pad_id)
+        rows = self.epoch_order(self._epoch)[index * size:(index + 1) * size]
+        length = bucket_length(int(self._lengths[rows].max()), self.cfg.length_buckets, self.cfg.max_length)
         local = [self.examples[i] for i in rows[self._rows]]
         return pad_batch([e.input_ids for e in local], length, self.pad_id, masks=[e.target_mask for e in local])

@@ -67,6 +67,7 @@ class DataConfig:
     max_examples: int | None = None  # keep the first N usable training examples after the subset shuffle
     max_eval_examples: int | None = None  # keep the first N usable evaluation records, in file order
     on_overlong: str = "truncate_input"  # example over max_length: "truncate_input" | "skip" | "error"
+    packing: bool = False  # training rows hold several examples (kept apart by segment ids), fewer pad tokens
 
     def __post_init__(self) -> None:
         for name in ("length_buckets", "prompt_fields"):  # YAML gives lists

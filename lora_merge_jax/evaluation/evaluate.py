@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_merge_jax import tiny
 from lora_merge_jax.data import batching, prompts
@@ -96,34 +97,56 @@ def load_adapter(entry: AdapterEntry, model: Model) -> Any:
     return peft_io.load_peft_adapter(peft_io.adapter_dir(path), model)
 
 
-def reference_loss(model: Model, adapter: Any, cfg: DataConfig, batch_size: int = 8) -> float:
-    """Mean per-token NLL of the first reference of every evaluation example under ``adapter``."""
-    records = read_records(cfg, "eval")[: cfg.max_eval_examples or None]
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "most_targets"))
+def _reference_sums(cfg, compute_dtype, most_targets, weights, adapter, ids_BxT, mask_BxT, target_BxT):
+    """(summed NLL, target token count) of one batch: one compiled program per adapter type and batch shape."""
+    deltas = None if adapter is None else adapter.deltas(cfg)
+    hidden, _ = decoder.apply_model(cfg, weights, ids_BxT, deltas=deltas, attention_mask_BxS=mask_BxT,
+                                    compute_dtype=compute_dtype, return_hidden=True)
+    # The LM head on the reference positions only: references are short next to their prompts.
+    return losses.target_token_nll(hidden, ids_BxT, target_BxT, most_targets,
+                                   functools.partial(decoder.lm_logits, weights))
+
+
+def reference_examples(model: Model, cfg: DataConfig) -> list[prompts.TokenizedExample]:
+    """Prompt + first reference of the first ``max_eval_examples`` usable evaluation records (file order),
+    the same records ``build_eval_examples`` keeps, tokenised as training examples."""
+    records = read_records(cfg, "eval")
     fmt = prompts.PromptFormat(model.tokenizer, cfg)
-    pad = prompts.pad_token_id(model.tokenizer)
-    examples = [prompts.tokenize_example(model.tokenizer, r.input, r.targets[0], cfg, fields=r.fields,
-                                          prompt_format=fmt, source=r.source) for r in records]
-    examples = [e for e in examples if e is not None]
+    limit = cfg.max_eval_examples or len(records)
+    examples = []
+    for r in records:
+        if len(examples) == limit:
+            break
+        example = prompts.tokenize_example(model.tokenizer, r.input, r.targets[0], cfg, fields=r.fields,
+                                           prompt_format=fmt, source=r.source)
+        if example is not None:
+            examples.append(example)
+    return examples
 
+
+def reference_loss(model: Model, adapter: Any, cfg: DataConfig, batch_size: int = 8) -> float:
+    """Mean per-token NLL of the first reference of every evaluation example under ``adapter``.
+
+    Every batch has ``batch_size`` rows (the last one filled with empty rows, which count no tokens), so one
+    adapter type compiles once per padded length.
+    """
+    # Sorted by length: batches of similar lengths pad little (the mean does not depend on the order).
+    examples = sorted(reference_examples(model, cfg), key=lambda e: len(e.input_ids))
     most_targets = prompts.max_target_tokens(examples)
-
-    @jax.jit
-    def sums(weights, adapter, ids, mask, target):
-        deltas = None if adapter is None else adapter.deltas(model.config)
-        hidden, _ = decoder.apply_model(model.config, weights, ids, deltas=deltas, attention_mask_BxS=mask,
-                                          compute_dtype=model.compute_dtype, return_hidden=True)
-        # The LM head on the reference positions only: references are short next to their prompts.
-        return losses.target_token_nll(hidden, ids, target, most_targets,
-                                       functools.partial(decoder.lm_logits, weights))
-
+    pad = prompts.pad_token_id(model.tokenizer)
     total = count = 0.0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         length = batching.bucket_length(max(len(e.input_ids) for e in chunk), cfg.length_buckets, cfg.max_length)
-        b = batching.pad_batch([e.input_ids for e in chunk], length, pad, masks=[e.target_mask for e in chunk])
+        empty = np.zeros(0, np.int32)
+        fill = batch_size - len(chunk)
+        b = batching.pad_batch([e.input_ids for e in chunk] + [empty] * fill, length, pad,
+                               masks=[e.target_mask for e in chunk] + [empty] * fill)
         with jax.set_mesh(model.mesh):  # traced with the mesh set: the model pins activations to the batch axes
-            t, c = sums(model.weights, adapter, jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]),
-                        jnp.asarray(b["target_mask"]))
+            t, c = _reference_sums(model.config, model.compute_dtype, most_targets, model.weights, adapter,
+                                   jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]),
+                                   jnp.asarray(b["target_mask"]))
         total, count = total + float(t), count + float(c)
     return total / max(count, 1.0)
 
@@ -152,17 +175,20 @@ def evaluate(cfg: EvalConfig, log=print, progress: bool = True) -> dict[str, Any
     log(f"data: {stats}")
     out.mkdir(parents=True, exist_ok=True)
     g = cfg.generation
+    # Prompts are decoded in batches of similar length (sorted over the whole set), so that a batch's prefill
+    # pads little; predictions are written back in file order.
+    by_length = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
     results: dict[str, Any] = {}
     for name, adapter in adapters.items():
-        predictions: list[str] = []
-        chunks = range(0, len(examples), g.batch_size)
-        for start in tqdm(chunks, desc=f"eval {name}", disable=not progress):
-            chunk = examples[start:start + g.batch_size]
+        predictions = [""] * len(examples)
+        for start in tqdm(range(0, len(examples), g.batch_size), desc=f"eval {name}", disable=not progress):
+            rows = by_length[start:start + g.batch_size]
             tokens = generate.generate(
-                model, [e.prompt_ids for e in chunk], adapter, max_new_tokens=g.max_new_tokens, method=g.method,
-                num_beams=g.num_beams, length_penalty=g.length_penalty, temperature=g.temperature, top_k=g.top_k,
-                top_p=g.top_p, seed=g.seed)
-            predictions += [t.strip() for t in model.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+                model, [examples[i].prompt_ids for i in rows], adapter, max_new_tokens=g.max_new_tokens,
+                method=g.method, num_beams=g.num_beams, length_penalty=g.length_penalty, temperature=g.temperature,
+                top_k=g.top_k, top_p=g.top_p, seed=g.seed)
+            for i, text in zip(rows, model.tokenizer.batch_decode(tokens, skip_special_tokens=True)):
+                predictions[i] = text.strip()
         references = [list(e.references) for e in examples]
         scores = metrics.compute_metrics(predictions, references, cfg.metrics.language, cfg.metrics.rouge_tokenizer,
                                          cfg.metrics.bertscore_model)

@@ -31,6 +31,8 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from optax.transforms import MaskedNode
 from flax import struct
 
 from lora_merge_jax.merge.adaptive import MergedLoraAdapter
@@ -139,16 +141,45 @@ def _keep_top(scores_GxN: Array, prune_G: Array) -> Array:
     return (ranks >= prune_G[:, None]).astype(jnp.float32)
 
 
-def _scores(cfg: PruneConfig, adapter: MergedLoraAdapter, stats: dict) -> tuple[dict, dict]:
+def _raw_scores(cfg: PruneConfig, adapter: MergedLoraAdapter, stats: dict) -> tuple[dict, dict]:
+    """Each factor entry's score, before masking: the sensitivity EMA or the magnitude."""
     if cfg.criterion == "sensitivity":
-        sa, sb = stats["sensitivity"].a, stats["sensitivity"].b
-    else:
-        sa = {n: jnp.abs(x) for n, x in adapter.a.items()}
-        sb = {n: jnp.abs(x) for n, x in adapter.b.items()}
-    # Already pruned entries rank lowest, so masks only shrink.
-    sa = {n: jnp.where(adapter.mask_a[n] > 0, s, -jnp.inf) for n, s in sa.items()}
-    sb = {n: jnp.where(adapter.mask_b[n] > 0, s, -jnp.inf) for n, s in sb.items()}
-    return sa, sb
+        return stats["sensitivity"].a, stats["sensitivity"].b
+    return {n: jnp.abs(x) for n, x in adapter.a.items()}, {n: jnp.abs(x) for n, x in adapter.b.items()}
+
+
+def _parameter_units(cfg: PruneConfig, adapter: MergedLoraAdapter, stats: dict) -> dict[str, Array]:
+    """[L, D*R + R*F] entry scores per module; masked entries (pruned, or not a parameter) score -inf, so
+    that masks only shrink and structural zeros are never counted as pruned parameters."""
+    sa, sb = _raw_scores(cfg, adapter, stats)
+    num_layers = next(iter(adapter.a.values())).shape[0]
+    return {n: jnp.concatenate([jnp.where(adapter.mask_a[n] > 0, sa[n], -jnp.inf).reshape(num_layers, -1),
+                                jnp.where(adapter.mask_b[n] > 0, sb[n], -jnp.inf).reshape(num_layers, -1)], -1)
+            for n in adapter.a}
+
+
+def _component_units(cfg: PruneConfig, adapter: MergedLoraAdapter, stats: dict) -> dict[str, Array]:
+    """[L, R] component scores per module, over each component's supported entries only.
+
+    A MELoRA source's component has parameters in one block of its column of A and its row of B and
+    structural zeros elsewhere; those zeros are not part of it. A component already pruned (no unmasked
+    supported entry left) or with no parameter at all scores -inf.
+    """
+    sa, sb = _raw_scores(cfg, adapter, stats)
+    deltas = adapter.deltas(None)
+    units = {}
+    for n in adapter.a:
+        support_a, support_b = adapter.support_a[n], adapter.support_b[n]
+        if cfg.criterion == "magnitude":
+            # The Frobenius norm of its rank-1 update: |gain| * ||a_r|| * ||b_r|| over its supported entries.
+            score = (jnp.abs(deltas[n].gain_R) * jnp.linalg.norm(adapter.a[n] * support_a, axis=1)
+                     * jnp.linalg.norm(adapter.b[n] * support_b, axis=2))
+        else:  # the sum of its entries' (first-order) loss changes
+            score = jnp.sum(sa[n] * support_a, axis=1) + jnp.sum(sb[n] * support_b, axis=2)
+        alive = jnp.maximum(jnp.max(adapter.mask_a[n] * support_a, axis=1),
+                            jnp.max(adapter.mask_b[n] * support_b, axis=2)) > 0
+        units[n] = jnp.where(alive, score, -jnp.inf)
+    return units
 
 
 def _prune_counts(target_G: Array, live_GxN: Array) -> Array:
@@ -163,25 +194,15 @@ def new_masks(cfg: PruneConfig, adapter: MergedLoraAdapter, stats: dict, target_
 
     Sparsity counts the task LoRAs' parameters only (``adapter.support_a/b``), not structural zeros.
     """
-    sa, sb = _scores(cfg, adapter, stats)
     names = list(adapter.a)
     num_layers = next(iter(adapter.a.values())).shape[0]
-    if cfg.granularity == "component" and cfg.criterion == "magnitude":
-        # A component's magnitude is the Frobenius norm of its rank-1 update |gain| * ||a_r|| * ||b_r||.
-        deltas = adapter.deltas(None)
-        units = {n: jnp.where(jnp.isfinite(jnp.sum(sa[n], axis=1) + jnp.sum(sb[n], axis=2)),
-                              jnp.abs(deltas[n].gain_R) * jnp.linalg.norm(adapter.a[n], axis=1)
-                              * jnp.linalg.norm(adapter.b[n], axis=2), -jnp.inf) for n in names}
-    elif cfg.granularity == "component":
-        # Sensitivity of a component: the sum of its entries' (first-order) loss changes.
-        units = {n: jnp.sum(sa[n], axis=1) + jnp.sum(sb[n], axis=2) for n in names}
-    else:
-        units = {n: jnp.concatenate([sa[n].reshape(num_layers, -1), sb[n].reshape(num_layers, -1)], -1)
-                 for n in names}
-    if cfg.granularity == "component":  # a component exists where its slot has any parameter
+    if cfg.granularity == "component":
+        units = _component_units(cfg, adapter, stats)
+        # A component exists where its slot has any parameter.
         live = {n: jnp.maximum(jnp.max(adapter.support_a[n], axis=1), jnp.max(adapter.support_b[n], axis=2))
                 for n in names}
     else:
+        units = _parameter_units(cfg, adapter, stats)
         live = {n: jnp.concatenate([adapter.support_a[n].reshape(num_layers, -1),
                                     adapter.support_b[n].reshape(num_layers, -1)], -1) for n in names}
     eligible_L = target_L > 0
@@ -216,21 +237,19 @@ def new_masks(cfg: PruneConfig, adapter: MergedLoraAdapter, stats: dict, target_
     return mask_a, mask_b
 
 
-def _mask_moments(tree: Any, mask_a: dict, mask_b: dict) -> Any:
-    """Zeroes optimizer moments at pruned entries (every MergedLoraAdapter-shaped subtree)."""
-
-    def apply(node: Any) -> Any:
-        if not isinstance(node, MergedLoraAdapter):
-            return node
-        fix = lambda d, m: d if not isinstance(d, dict) else {  # noqa: E731
-            k: v * m[k] if hasattr(v, "shape") and v.shape == m[k].shape else v for k, v in d.items()}
-        return node.replace(a=fix(node.a, mask_a), b=fix(node.b, mask_b))
-
-    return jax.tree.map(apply, tree, is_leaf=lambda x: isinstance(x, MergedLoraAdapter))
+def _mask_moments(optimizer: optax.GradientTransformation, opt_state: Any, trainable: Any, mask_a: dict,
+                  mask_b: dict) -> Any:
+    """Zeroes every optimizer moment of a factor at its pruned entries; ``optax.tree_utils.tree_map_params``
+    finds the parameter-shaped parts of the optimizer state, whatever the optimizer's structure."""
+    masks = trainable.replace(a=mask_a, b=mask_b, **({} if trainable.coefficients is None else {
+        "coefficients": jax.tree.map(jnp.ones_like, trainable.coefficients)}))
+    return optax.tree_utils.tree_map_params(
+        optimizer, lambda moment, mask: moment if isinstance(moment, MaskedNode) else moment * mask, opt_state,
+        masks, is_leaf=lambda x: isinstance(x, MaskedNode))
 
 
 def make_post_update(cfg: PruneConfig, total_steps: int, num_layers: int) -> Callable:
-    """The ``post_update(state, grads) -> state`` hook of the train step that updates statistics and masks.
+    """The ``post_update(state, grads, optimizer) -> state`` hook of the train step: statistics and masks.
 
     The state's ``extra`` must be ``init_statistics(cfg, adapter)``. With ``cfg.enabled`` false the hook
     returns the state unchanged.
@@ -240,11 +259,11 @@ def make_post_update(cfg: PruneConfig, total_steps: int, num_layers: int) -> Cal
         >>> step = make_train_step(model.config, tx, post_update=hook)
     """
     if not cfg.enabled:
-        return lambda state, grads: state
+        return lambda state, grads, optimizer: state
     final_L = jnp.asarray(layer_targets(cfg, num_layers))
     end = cfg.end_step if cfg.end_step is not None else max(cfg.start_step + 1, (3 * total_steps) // 4)
 
-    def post_update(state: Any, grads: Any) -> Any:
+    def post_update(state: Any, grads: Any, optimizer: optax.GradientTransformation) -> Any:
         adapter = state.adapter
         stats = dict(state.extra)
         if cfg.criterion == "sensitivity":
@@ -268,7 +287,9 @@ def make_post_update(cfg: PruneConfig, total_steps: int, num_layers: int) -> Cal
             trainable = trainable.replace(a={n: v * mask_a[n] for n, v in trainable.a.items()},
                                           b={n: v * mask_b[n] for n, v in trainable.b.items()})
         frozen = state.frozen.replace(mask_a=mask_a, mask_b=mask_b)
-        opt_state = _mask_moments(state.opt_state, mask_a, mask_b)
+        opt_state = state.opt_state
+        if trainable.a is not None:
+            opt_state = _mask_moments(optimizer, opt_state, trainable, mask_a, mask_b)
         return state.replace(trainable=trainable, frozen=frozen, opt_state=opt_state, extra=stats)
 
     return post_update

@@ -1,9 +1,18 @@
-"""Grouped-query attention with a memory-lean gradient, and causal query chunking.
+"""Grouped-query attention: a fused kernel on GPUs, and on other backends a memory-lean gradient with causal
+query chunking.
+
+On a GPU with bfloat16/float16 activations, attention goes through ``jax.nn.dot_product_attention`` with
+cuDNN's flash attention (``fused_attention``), which never forms the [T, S] probabilities. Elsewhere (the CPU,
+float32 on a GPU, TPUs) it runs the kernel below: XLA's einsums with a custom VJP that keeps the softmax
+statistics rather than the probabilities. Both take the same full boolean mask, so padding on either side,
+sliding windows and packed segments mean the same thing on every backend.
 
 Shapes: B batch, T query length, S key length, H heads, K kv heads, G = H/K, Hd head dim.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,71 +20,151 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def _masked_logits(q_BxTxKxGxHd: Array, k_BxSxKxHd: Array, mask_BxTxS: Array) -> Array:
-    logits = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxHd, k_BxSxKxHd, preferred_element_type=jnp.float32)
-    logits = logits * (q_BxTxKxGxHd.shape[-1] ** -0.5)
+def _head_major(x_BxTxKxGxHd: Array) -> Array:
+    """[B, T, K, G, Hd] -> [B, K, T*G, Hd]: the G query heads that share a kv head, with their tokens, are the
+    rows of one matrix, so that a causal chunk of queries is a contiguous block of rows."""
+    b, t, kv, g, hd = x_BxTxKxGxHd.shape
+    return x_BxTxKxGxHd.transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, hd)
+
+
+def _token_major(x_BxKxMxHd: Array, g: int) -> Array:
+    """[B, K, T*G, Hd] -> [B, T, K*G*Hd] (the inverse of ``_head_major``, flattened for the o projection)."""
+    b, kv, m, hd = x_BxKxMxHd.shape
+    return x_BxKxMxHd.reshape(b, kv, m // g, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, m // g, kv * g * hd)
+
+
+def _chunks(t: int, s: int, causal_square: bool) -> list[tuple[int, int, int]]:
+    """(first query, end query, end key) of each chunk. ``causal_square``: queries in chunks of C, each against
+    the keys up to its last query only, which skips most of the masked upper triangle: (C + 1) / 2C of the
+    [T, S] work for C chunks; up to 8 chunks of at least 64 queries. Else one chunk over every key."""
+    chunk = max(64, -(-t // 8))
+    if not causal_square or t <= chunk:
+        return [(0, t, s)]
+    return [(lo, min(lo + chunk, t), min(lo + chunk, t)) for lo in range(0, t, chunk)]
+
+
+def _chunk_logits(q_BxKxMxHd: Array, k_BxKxSxHd: Array, mask_BxTxS: Array, g: int) -> tuple[Array, Array]:
+    """Scaled, masked float32 logits [B, K, M, S] of one chunk (M = its queries x G), and the mask broadcast to
+    them [B, 1, M, S]."""
+    b, _, m, hd = q_BxKxMxHd.shape
+    t, s = mask_BxTxS.shape[1:]
+    logits = jnp.einsum("bkmh,bksh->bkms", q_BxKxMxHd, k_BxKxSxHd, preferred_element_type=jnp.float32)
+    logits = logits * (hd ** -0.5)
+    mask_Bx1xMxS = jnp.broadcast_to(mask_BxTxS[:, None, :, None, :], (b, 1, t, g, s)).reshape(b, 1, m, s)
     # A large finite negative rather than -inf: a fully masked row (left padding) stays finite.
-    return jnp.where(mask_BxTxS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    return jnp.where(mask_Bx1xMxS, logits, jnp.finfo(jnp.float32).min), mask_Bx1xMxS
 
 
-@jax.custom_vjp
-def _grouped_attention(q_BxTxKxGxHd: Array, k_BxSxKxHd: Array, v_BxSxKxHd: Array, mask_BxTxS: Array) -> Array:
-    probs = jax.nn.softmax(_masked_logits(q_BxTxKxGxHd, k_BxSxKxHd, mask_BxTxS), axis=-1).astype(v_BxSxKxHd.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxHd)
+def attention_forward(q_BxTxHxHd: Array, k_BxSxKxHd: Array, v_BxSxKxHd: Array, mask_BxTxS: Array,
+                      causal_square: bool) -> tuple[Array, tuple[Array, Array]]:
+    """The CPU kernel's forward: (output [B, T, H*Hd], softmax statistics (row max, row sum) [B, K, T*G]).
+
+    The softmax as ``jax.nn.softmax`` computes it; the statistics are what the backward keeps instead of the
+    [T, S] probabilities (for every layer of a long sequence those would be the step's largest buffers, and
+    recomputing them costs one q.k product).
+    """
+    b, t, h, hd = q_BxTxHxHd.shape
+    s, kv = k_BxSxKxHd.shape[1:3]
+    g = h // kv
+    q_hm = _head_major(q_BxTxHxHd.reshape(b, t, kv, g, hd))
+    k_hm, v_hm = k_BxSxKxHd.transpose(0, 2, 1, 3), v_BxSxKxHd.transpose(0, 2, 1, 3)
+    outs, maxes, sums = [], [], []
+    for lo, hi, s_hi in _chunks(t, s, causal_square):
+        logits, _ = _chunk_logits(q_hm[:, :, lo * g:hi * g], k_hm[:, :, :s_hi], mask_BxTxS[:, lo:hi, :s_hi], g)
+        max_BxKxM = jnp.max(logits, axis=-1)
+        unnormalized = jnp.exp(logits - max_BxKxM[..., None])
+        sum_BxKxM = jnp.sum(unnormalized, axis=-1)
+        probs = (unnormalized / sum_BxKxM[..., None]).astype(v_hm.dtype)
+        outs.append(jnp.einsum("bkms,bksh->bkmh", probs, v_hm[:, :, :s_hi]))
+        maxes.append(max_BxKxM)
+        sums.append(sum_BxKxM)
+    cat = (lambda xs: xs[0]) if len(outs) == 1 else (lambda xs: jnp.concatenate(xs, axis=2))  # noqa: E731
+    return _token_major(cat(outs), g), (cat(maxes), cat(sums))
 
 
-def _grouped_attention_fwd(q, k, v, mask_BxTxS):
-    # The softmax as jax.nn.softmax computes it, keeping its [T]-sized statistics as the residuals instead of
-    # the [T, S] probabilities: for every layer of a long sequence those would be the step's largest buffers,
-    # and recomputing them costs one q.k product.
-    logits = _masked_logits(q, k, mask_BxTxS)
-    max_BxKxGxT = jnp.max(logits, axis=-1)
-    unnormalized = jnp.exp(logits - max_BxKxGxT[..., None])
-    sum_BxKxGxT = jnp.sum(unnormalized, axis=-1)
-    probs = (unnormalized / sum_BxKxGxT[..., None]).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out, (q, k, v, mask_BxTxS, max_BxKxGxT, sum_BxKxGxT)
+def attention_backward(q_BxTxHxHd: Array, k_BxSxKxHd: Array, v_BxSxKxHd: Array, mask_BxTxS: Array,
+                       out_BxTxHHd: Array, stats: tuple[Array, Array], d_out_BxTxHHd: Array,
+                       causal_square: bool) -> tuple[Array, Array, Array]:
+    """The CPU kernel's vector-Jacobian product: (dq [B, T, H, Hd], dk, dv [B, S, K, Hd]), from the forward's
+    inputs, output and statistics; the probabilities are recomputed chunk by chunk."""
+    b, t, h, hd = q_BxTxHxHd.shape
+    s, kv = k_BxSxKxHd.shape[1:3]
+    g = h // kv
+    max_BxKxM, sum_BxKxM = stats
+    q_hm = _head_major(q_BxTxHxHd.reshape(b, t, kv, g, hd))
+    k_hm, v_hm = k_BxSxKxHd.transpose(0, 2, 1, 3), v_BxSxKxHd.transpose(0, 2, 1, 3)
+    d_out_hm = _head_major(d_out_BxTxHHd.reshape(b, t, kv, g, hd))
+    # sum_s p_s dp_s of the softmax's VJP is sum_h d_out_h out_h (dp = d_out . v and out = p . v): a [T]
+    # reduction of the [T, Hd] output instead of one over the [T, S] probabilities.
+    d_out32 = d_out_BxTxHHd.astype(jnp.float32).reshape(b, t, kv, g, hd)
+    out32 = out_BxTxHHd.astype(jnp.float32).reshape(b, t, kv, g, hd)
+    dot_BxKxM = jnp.sum(d_out32 * out32, axis=-1).transpose(0, 2, 1, 3).reshape(b, kv, t * g)
+    d_qs, d_ks, d_vs = [], [], []
+    for lo, hi, s_hi in _chunks(t, s, causal_square):
+        rows = slice(lo * g, hi * g)
+        q_c, k_c, v_c, d_out_c = q_hm[:, :, rows], k_hm[:, :, :s_hi], v_hm[:, :, :s_hi], d_out_hm[:, :, rows]
+        logits, mask_Bx1xMxS = _chunk_logits(q_c, k_c, mask_BxTxS[:, lo:hi, :s_hi], g)
+        probs = jnp.exp(logits - max_BxKxM[:, :, rows, None]) / sum_BxKxM[:, :, rows, None]
+        d_probs = jnp.einsum("bkmh,bksh->bkms", d_out_c, v_c, preferred_element_type=jnp.float32)
+        d_logits = probs * (d_probs - dot_BxKxM[:, :, rows, None]) * hd ** -0.5
+        # Masked entries get no gradient (as through jnp.where), which matters for fully masked rows.
+        d_logits = jnp.where(mask_Bx1xMxS, d_logits, 0.0).astype(q_hm.dtype)
+        d_qs.append(jnp.einsum("bkms,bksh->bkmh", d_logits, k_c))
+        pad = ((0, 0, 0), (0, 0, 0), (0, s - s_hi, 0), (0, 0, 0))
+        d_ks.append(jax.lax.pad(jnp.einsum("bkms,bkmh->bksh", d_logits, q_c), jnp.zeros((), q_hm.dtype), pad))
+        d_vs.append(jax.lax.pad(jnp.einsum("bkms,bkmh->bksh", probs.astype(v_hm.dtype), d_out_c),
+                                jnp.zeros((), v_hm.dtype), pad))
+    d_q_hm = d_qs[0] if len(d_qs) == 1 else jnp.concatenate(d_qs, axis=2)
+    d_q = _token_major(d_q_hm, g).reshape(b, t, h, hd)
+    return d_q, sum(d_ks[1:], d_ks[0]).transpose(0, 2, 1, 3), sum(d_vs[1:], d_vs[0]).transpose(0, 2, 1, 3)
 
 
-def _grouped_attention_bwd(residuals, d_out):
-    q, k, v, mask_BxTxS, max_BxKxGxT, sum_BxKxGxT = residuals
-    logits = _masked_logits(q, k, mask_BxTxS)
-    probs = jnp.exp(logits - max_BxKxGxT[..., None]) / sum_BxKxGxT[..., None]
-    d_probs = jnp.einsum("btkgh,bskh->bkgts", d_out, v, preferred_element_type=jnp.float32)
-    # The softmax's vector-Jacobian product in the order autodiff of jax.nn.softmax computes it, so that the
-    # two round alike.
-    weighted = probs * d_probs
-    d_logits = (weighted - probs * jnp.sum(weighted, axis=-1, keepdims=True)) * q.shape[-1] ** -0.5
-    # Masked entries get no gradient (as through jnp.where), which matters for fully masked rows.
-    d_logits = jnp.where(mask_BxTxS[:, None, None], d_logits, 0.0).astype(q.dtype)
-    d_q = jnp.einsum("bkgts,bskh->btkgh", d_logits, k)
-    d_k = jnp.einsum("bkgts,btkgh->bskh", d_logits, q)
-    d_v = jnp.einsum("bkgts,btkgh->bskh", probs.astype(v.dtype), d_out)
-    return d_q, d_k, d_v, None
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _grouped_attention(q_BxTxHxHd: Array, k_BxSxKxHd: Array, v_BxSxKxHd: Array, mask_BxTxS: Array,
+                       causal_square: bool) -> Array:
+    return attention_forward(q_BxTxHxHd, k_BxSxKxHd, v_BxSxKxHd, mask_BxTxS, causal_square)[0]
+
+
+def _grouped_attention_fwd(q, k, v, mask_BxTxS, causal_square):
+    out, stats = attention_forward(q, k, v, mask_BxTxS, causal_square)
+    return out, (q, k, v, mask_BxTxS, out, stats)
+
+
+def _grouped_attention_bwd(causal_square, residuals, d_out):
+    q, k, v, mask_BxTxS, out, stats = residuals
+    return (*attention_backward(q, k, v, mask_BxTxS, out, stats, d_out, causal_square), None)
 
 
 _grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)
 
 
+def fused_attention(q_BxTxHxHd: Array, k_BxSxKxHd: Array, v_BxSxKxHd: Array, mask_BxTxS: Array,
+                    causal_square: bool, implementation: str | None = "cudnn") -> Array:
+    """Attention through ``jax.nn.dot_product_attention`` ([B, T, H*Hd]); ``implementation="cudnn"`` is the
+    GPU path, ``"xla"`` the same call on any backend (which the tests compare with ``attention``).
+
+    The mask goes in as given (cuDNN turns it into a bias); ``causal_square`` also tells the kernel the mask
+    is causal, so that cuDNN skips the upper triangle.
+    """
+    b, t, h, hd = q_BxTxHxHd.shape
+    out = jax.nn.dot_product_attention(q_BxTxHxHd, k_BxSxKxHd, v_BxSxKxHd, mask=mask_BxTxS[:, None],
+                                       is_causal=causal_square, implementation=implementation)
+    return out.reshape(b, t, h * hd)
+
+
+def uses_fused_kernel(dtype) -> bool:
+    """Whether ``attention`` takes cuDNN's fused kernel: on a GPU, for 16-bit activations (cuDNN's dtypes)."""
+    return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
 def attention(q_BxTxHxHd: Array, k_BxSxKxHd: Array, v_BxSxKxHd: Array, mask_BxTxS: Array,
-               causal_square: bool) -> Array:
-    """Grouped-query attention (with the memory-lean gradient above).
+              causal_square: bool) -> Array:
+    """Grouped-query attention: cuDNN's fused kernel where ``uses_fused_kernel``, else the kernel above.
 
     ``causal_square``: query t never sees a key after slot t (S == T, no cache). Then the queries go in
     chunks, each against the keys up to its last query only, which skips most of the masked upper triangle:
     (C + 1) / 2C of the [T, S] work for C chunks; up to 8 chunks of at least 64 queries.
     """
-    b, t, h, hd = q_BxTxHxHd.shape
-    kv = k_BxSxKxHd.shape[2]
-    q_BxTxKxGxHd = q_BxTxHxHd.reshape(b, t, kv, h // kv, hd)
-    chunk = max(64, -(-t // 8))
-    if not causal_square or t <= chunk:
-        out = _grouped_attention(q_BxTxKxGxHd, k_BxSxKxHd, v_BxSxKxHd, mask_BxTxS)
-    else:
-        out = jnp.concatenate([
-            _grouped_attention(q_BxTxKxGxHd[:, lo:lo + chunk], k_BxSxKxHd[:, :lo + chunk],
-                               v_BxSxKxHd[:, :lo + chunk], mask_BxTxS[:, lo:lo + chunk, :lo + chunk])
-            for lo in range(0, t, chunk)], axis=1)
-    return out.reshape(b, t, h * hd)
-
-
+    if uses_fused_kernel(q_BxTxHxHd.dtype):
+        return fused_attention(q_BxTxHxHd, k_BxSxKxHd, v_BxSxKxHd, mask_BxTxS, causal_square)
+    return _grouped_attention(q_BxTxHxHd, k_BxSxKxHd, v_BxSxKxHd, mask_BxTxS, causal_square)

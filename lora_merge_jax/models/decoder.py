@@ -12,16 +12,18 @@ F ffw, V vocab, L layers.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from lora_merge_jax import sharding
-from lora_merge_jax.models.attention import attention
+from lora_merge_jax.models.attention import attention, attention_backward, attention_forward, uses_fused_kernel
 from lora_merge_jax.models.config import PROJECTIONS, ModelConfig
-from lora_merge_jax.models.deltas import Delta, tokens_first
+from lora_merge_jax.models.deltas import Delta, _dropout, tokens_first
 from lora_merge_jax.models.weights import KVCache, LayerWeights, Weights
 
 Array = jax.Array
@@ -48,11 +50,14 @@ def _rms_norm(x_BxTxD: Array, w_D: Array, eps: float) -> Array:
     return w_D.astype(x_BxTxD.dtype) * normed
 
 
-def _rope(x_BxTxNxHd: Array, positions_BxT: Array, inv_freq: np.ndarray) -> Array:
+def _rope_tables(positions_BxT: Array, inv_freq: np.ndarray, dtype: Any) -> tuple[Array, Array]:
+    """cos and sin [B, T, 1, Hd] of the rotary positions, in ``dtype`` (the same for every layer)."""
     freqs_BxTxHd2 = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     emb = jnp.concatenate([freqs_BxTxHd2, freqs_BxTxHd2], axis=-1)
-    cos, sin = jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
-    cos, sin = cos.astype(x_BxTxNxHd.dtype), sin.astype(x_BxTxNxHd.dtype)
+    return jnp.cos(emb)[:, :, None, :].astype(dtype), jnp.sin(emb)[:, :, None, :].astype(dtype)
+
+
+def _rope(x_BxTxNxHd: Array, cos: Array, sin: Array) -> Array:
     half = x_BxTxNxHd.shape[-1] // 2
     rotated = jnp.concatenate([-x_BxTxNxHd[..., half:], x_BxTxNxHd[..., :half]], axis=-1)
     return x_BxTxNxHd * cos + rotated * sin
@@ -67,16 +72,153 @@ _ACTIVATIONS = {
 }
 
 
+def _adapter_input(name: str, x_BxTxD: Array, dropout: float, rng: Array | None) -> Array:
+    """What projection ``name``'s adapter sees: its input after dropout (a mask drawn from the layer's key
+    folded with the projection's index, so that the backward draws it again)."""
+    sub = None if rng is None else jax.random.fold_in(rng, PROJECTIONS.index(name))
+    return _dropout(x_BxTxD, dropout, sub)
+
+
 def _project(name: str, x_BxTxD: Array, w: LayerWeights, deltas: dict[str, Delta], dropout: float,
-             rng: Array | None) -> Array:
+             rng: Array | None) -> tuple[Array, Array | None]:
+    """x @ W (+ bias) (+ the adapter's delta): ([B, T, F], the adapter's rank activations or None)."""
     x_NxD = tokens_first(x_BxTxD)
     y = jnp.einsum("nd,df->nf", x_NxD, w.proj[name].astype(x_BxTxD.dtype)).reshape(*x_BxTxD.shape[:-1], -1)
     if name in w.bias:
         y = y + w.bias[name].astype(y.dtype)
+    h = None
     if name in deltas:
-        sub = None if rng is None else jax.random.fold_in(rng, PROJECTIONS.index(name))
-        y = y + deltas[name].apply(x_BxTxD, dropout, sub).astype(y.dtype)
-    return y
+        h = deltas[name].down(tokens_first(_adapter_input(name, x_BxTxD, dropout, rng)))
+        y = y + deltas[name].up(h).reshape(y.shape).astype(y.dtype)
+    return y, h
+
+
+def _project_backward(name: str, x_BxTxD: Array, dy_BxTxF: Array, h: Array | None, w: LayerWeights,
+                      deltas: dict[str, Delta], need_deltas: dict[str, Any], need_weights: bool, dropout: float,
+                      rng: Array | None, grads: dict[str, Any]) -> Array:
+    """The VJP of ``_project`` at x: returns dx [B, T, D]; the adapter's (and, when ``need_weights``, the
+    weight's and bias's) gradients go into ``grads``."""
+    x_NxD, dy_NxF = tokens_first(x_BxTxD), tokens_first(dy_BxTxF)
+    dx_NxD = jnp.einsum("nf,df->nd", dy_NxF, w.proj[name].astype(dy_NxF.dtype))
+    if name in deltas:
+        adapter_x, dropout_vjp = jax.vjp(lambda x: _adapter_input(name, x, dropout, rng), x_BxTxD)
+        d_adapter_x, grads["deltas"][name] = deltas[name].backward(tokens_first(adapter_x), h, dy_NxF,
+                                                                   need_deltas[name])
+        if dropout > 0 and rng is not None:
+            d_adapter_x = tokens_first(dropout_vjp(d_adapter_x.reshape(x_BxTxD.shape))[0])
+        dx_NxD = dx_NxD + d_adapter_x
+    if need_weights:
+        grads["proj"][name] = jnp.einsum("nd,nf->df", x_NxD, dy_NxF).astype(w.proj[name].dtype)
+        if name in w.bias:
+            grads["bias"][name] = jnp.sum(dy_NxF, axis=0).astype(w.bias[name].dtype)
+    return dx_NxD.reshape(x_BxTxD.shape)
+
+
+class _LayerSpec(NamedTuple):
+    """The static part of a decoder layer."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    act: str
+    dropout: float
+
+
+def _layer_forward(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dict[str, Delta], rng: Array | None,
+                   window: Array, base_mask_BxTxS: Array, distance_TxS: Array, cos: Array, sin: Array):
+    """One decoder layer without a cache: (output, what its backward keeps)."""
+    b, t, _ = x_BxTxD.shape
+    h, kv, hd = spec.heads, spec.kv_heads, spec.head_dim
+    mask_BxTxS = base_mask_BxTxS & ((window == 0) | (distance_TxS < window))[None]
+    ranks = {}
+    y = _rms_norm(x_BxTxD, w.attn_norm_LxD, spec.eps)
+    q, ranks["q_proj"] = _project("q_proj", y, w, deltas, spec.dropout, rng)
+    k, ranks["k_proj"] = _project("k_proj", y, w, deltas, spec.dropout, rng)
+    v, ranks["v_proj"] = _project("v_proj", y, w, deltas, spec.dropout, rng)
+    q, k = _rope(q.reshape(b, t, h, hd), cos, sin), _rope(k.reshape(b, t, kv, hd), cos, sin)
+    v = v.reshape(b, t, kv, hd)
+    attn_BxTxHHd, stats = attention_forward(q, k, v, mask_BxTxS, causal_square=True)
+    o, ranks["o_proj"] = _project("o_proj", attn_BxTxHHd, w, deltas, spec.dropout, rng)
+    mid_BxTxD = x_BxTxD + o
+    y = _rms_norm(mid_BxTxD, w.mlp_norm_LxD, spec.eps)
+    gate, ranks["gate_proj"] = _project("gate_proj", y, w, deltas, spec.dropout, rng)
+    up, ranks["up_proj"] = _project("up_proj", y, w, deltas, spec.dropout, rng)
+    down, ranks["down_proj"] = _project("down_proj", _ACTIVATIONS[spec.act](gate) * up, w, deltas, spec.dropout, rng)
+    out_BxTxD = mid_BxTxD + down
+    # Kept for the backward: the inputs of the norms, attention's inputs, output and softmax statistics, the
+    # MLP's pre-activations and every adapter's rank activations. Norms, rotary embeddings and the
+    # activation are recomputed from them; nothing [T, S]-sized is kept.
+    saved = (x_BxTxD, q, k, v, attn_BxTxHHd, stats, mid_BxTxD, gate, up,
+             {name: r for name, r in ranks.items() if r is not None})
+    return out_BxTxD, saved
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _layer(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dict[str, Delta], rng: Array | None,
+           window: Array, base_mask_BxTxS: Array, distance_TxS: Array, cos: Array, sin: Array) -> Array:
+    """One decoder layer without a cache, with a hand-written backward (``_layer_bwd``)."""
+    return _layer_forward(spec, x_BxTxD, w, deltas, rng, window, base_mask_BxTxS, distance_TxS, cos, sin)[0]
+
+
+def _layer_fwd(spec, x_BxTxD, w, deltas, rng, window, base_mask_BxTxS, distance_TxS, cos, sin):
+    # symbolic_zeros: every leaf comes as CustomVJPPrimal, which tells whether it is differentiated, so that
+    # the backward computes only the gradients asked for (the adapter's, and the weights' when pretraining).
+    perturbed = lambda tree: jax.tree.map(lambda p: p.perturbed, tree)  # noqa: E731
+    value = lambda tree: jax.tree.map(lambda p: p.value, tree)  # noqa: E731
+    need_weights = any(jax.tree.leaves(perturbed(w)))
+    inputs = tuple(value(a) for a in (x_BxTxD, w, deltas, rng, window, base_mask_BxTxS, distance_TxS, cos, sin))
+    out, saved = _layer_forward(spec, *inputs)
+    return out, (saved, inputs[1:], perturbed(deltas), need_weights)
+
+
+def _layer_bwd(spec, residuals, d_out_BxTxD):
+    saved, inputs, need_deltas, need_weights = residuals
+    x_BxTxD, q, k, v, attn_BxTxHHd, stats, mid_BxTxD, gate, up, ranks = saved
+    w, deltas, rng, window, base_mask_BxTxS, distance_TxS, cos, sin = inputs
+    if isinstance(d_out_BxTxD, SymbolicZero):
+        d_out_BxTxD = jnp.zeros(d_out_BxTxD.shape, d_out_BxTxD.dtype)
+    b, t, _ = x_BxTxD.shape
+    mask_BxTxS = base_mask_BxTxS & ((window == 0) | (distance_TxS < window))[None]
+    grads: dict[str, Any] = {"deltas": {}, "proj": {}, "bias": {}}
+
+    def project_backward(name, x, dy):
+        return _project_backward(name, x, dy, ranks.get(name), w, deltas, need_deltas, need_weights, spec.dropout,
+                                 rng, grads)
+
+    def norm_vjp(x, scale):
+        if need_weights:
+            y, vjp = jax.vjp(lambda x, s: _rms_norm(x, s, spec.eps), x, scale)
+            return y, vjp
+        y, vjp = jax.vjp(lambda x: _rms_norm(x, scale, spec.eps), x)
+        return y, lambda dy: (*vjp(dy), None)
+
+    # MLP: out = mid + down(act(gate) * up)
+    hidden, act_vjp = jax.vjp(lambda g, u: _ACTIVATIONS[spec.act](g) * u, gate, up)
+    d_gate, d_up = act_vjp(project_backward("down_proj", hidden, d_out_BxTxD))
+    y, mlp_norm_vjp = norm_vjp(mid_BxTxD, w.mlp_norm_LxD)
+    d_y = project_backward("gate_proj", y, d_gate) + project_backward("up_proj", y, d_up)
+    d_mid, d_mlp_norm = mlp_norm_vjp(d_y)
+    d_mid = d_out_BxTxD + d_mid
+    # Attention: mid = x + o(attention(rope(q(y)), rope(k(y)), v(y))), y = norm(x)
+    d_attn = project_backward("o_proj", attn_BxTxHHd, d_mid)
+    d_q, d_k, d_v = attention_backward(q, k, v, mask_BxTxS, attn_BxTxHHd, stats, d_attn, causal_square=True)
+    rope_t = lambda d: jax.linear_transpose(lambda z: _rope(z, cos, sin), d)(d)[0]  # noqa: E731
+    d_q, d_k = rope_t(d_q).reshape(b, t, -1), rope_t(d_k).reshape(b, t, -1)
+    y, attn_norm_vjp = norm_vjp(x_BxTxD, w.attn_norm_LxD)
+    d_y = (project_backward("q_proj", y, d_q) + project_backward("k_proj", y, d_k)
+           + project_backward("v_proj", y, d_v.reshape(b, t, -1)))
+    d_x, d_attn_norm = attn_norm_vjp(d_y)
+    d_x = _constrain(d_mid + d_x, ("batch", None, None))
+
+    d_w = None
+    if need_weights:
+        d_w = LayerWeights(attn_norm_LxD=d_attn_norm, mlp_norm_LxD=d_mlp_norm, proj=grads["proj"],
+                           bias=grads["bias"])
+    return d_x, d_w, grads["deltas"], None, None, None, None, None, None
+
+
+_layer.defvjp(_layer_fwd, _layer_bwd, symbolic_zeros=True)
 
 
 def apply_model(
@@ -89,11 +231,13 @@ def apply_model(
     dropout_rng: Array | None = None,
     attention_mask_BxS: Array | None = None,
     positions_BxT: Array | None = None,
+    segment_ids_BxT: Array | None = None,
     cache: KVCache | None = None,
     cache_index: Array | int = 0,
     compute_dtype: Any = None,
     remat: bool = False,
     return_hidden: bool = False,
+    reference_backward: bool = False,
 ) -> tuple[Array, KVCache | None]:
     """The transformer: token ids -> float32 logits [B, T, V] (and the updated cache, when one is given).
 
@@ -105,12 +249,16 @@ def apply_model(
         dropout: adapter-input dropout rate, used only when ``dropout_rng`` is given.
         attention_mask_BxS: 1 for real tokens, 0 for padding. Without a cache S == T; with a cache S is the
             cache length and the mask covers every slot.
-        positions_BxT: rotary positions (default: slot index). Left-padded generation passes cumsum(mask)-1.
+        positions_BxT: rotary positions (default: slot index). Left-padded generation passes cumsum(mask)-1;
+            packed rows pass positions restarting in each example.
+        segment_ids_BxT: packed rows (no cache): token t attends to key s only if both carry the same id.
         cache: key/value cache; the new keys/values are written at slots [cache_index, cache_index + T).
         cache_index: first slot the current tokens occupy.
         compute_dtype: dtype of activations (default: the weights' dtype). Logits are float32.
         remat: recompute each layer's activations in the backward pass instead of storing them.
         return_hidden: return the final normed hidden states [B, T, D] instead of logits.
+        reference_backward: differentiate the layers by autodiff of their plain forward instead of through
+            ``_layer``'s hand-written backward (the reference that one is checked against).
     """
     b, t = input_ids_BxT.shape
     dtype = compute_dtype or weights.embed_VxD.dtype
@@ -127,27 +275,36 @@ def apply_model(
     valid_BxS = jnp.ones((b, s), bool) if attention_mask_BxS is None else attention_mask_BxS.astype(bool)
     causal_TxS = key_slots_S[None, :] <= slots_T[:, None]
     base_mask_BxTxS = causal_TxS[None] & valid_BxS[:, None, :]
+    if segment_ids_BxT is not None:  # packed examples never see each other
+        base_mask_BxTxS &= segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
     windows_L = jnp.asarray(cfg.sliding_windows or (0,) * cfg.num_hidden_layers, jnp.int32)
 
     x_BxTxD = weights.embed_VxD.astype(dtype)[input_ids_BxT]
-    inv_freq = cfg.inv_freq()
+    cos, sin = _rope_tables(positions_BxT, cfg.inv_freq(), dtype)
     act = _ACTIVATIONS[cfg.hidden_act]
     h, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_hidden_layers)
+    distance_TxS = slots_T[:, None] - key_slots_S[None, :]
+    # Without a cache each layer is one function with a hand-written backward (``_layer``); with one (or on
+    # cuDNN's fused attention), the layer below, which nothing differentiates through a cache.
+    spec = _LayerSpec(h, kv, hd, cfg.rms_norm_eps, cfg.hidden_act, dropout if dropout_rng is not None else 0.0)
+    whole_layer = cache is None and not uses_fused_kernel(dtype) and not reference_backward
 
     def block(carry, layer):
         x_BxTxD, cache_kv = carry
         w, layer_deltas, window, rng, layer_index = layer
         x_BxTxD = _constrain(x_BxTxD, ("batch", None, None))
-        distance_TxS = slots_T[:, None] - key_slots_S[None, :]
+        if whole_layer:
+            x_BxTxD = _layer(spec, x_BxTxD, w, layer_deltas, rng, window, base_mask_BxTxS, distance_TxS, cos, sin)
+            return (x_BxTxD, cache_kv), None
         in_window_TxS = (window == 0) | (distance_TxS < window)
         mask_BxTxS = base_mask_BxTxS & in_window_TxS[None]
 
         y = _rms_norm(x_BxTxD, w.attn_norm_LxD, cfg.rms_norm_eps)
-        q = _project("q_proj", y, w, layer_deltas, dropout, rng).reshape(b, t, h, hd)
-        k = _project("k_proj", y, w, layer_deltas, dropout, rng).reshape(b, t, kv, hd)
-        v = _project("v_proj", y, w, layer_deltas, dropout, rng).reshape(b, t, kv, hd)
-        q, k = _rope(q, positions_BxT, inv_freq), _rope(k, positions_BxT, inv_freq)
+        q = _project("q_proj", y, w, layer_deltas, dropout, rng)[0].reshape(b, t, h, hd)
+        k = _project("k_proj", y, w, layer_deltas, dropout, rng)[0].reshape(b, t, kv, hd)
+        v = _project("v_proj", y, w, layer_deltas, dropout, rng)[0].reshape(b, t, kv, hd)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         if cache_kv is not None:
             # The whole [L, B, S, K, Hd] cache is the scan's carry, written in place at this layer's
             # slots; passing per-layer slices as xs/ys instead copies the full cache several times a step.
@@ -159,12 +316,12 @@ def apply_model(
             k = jax.lax.dynamic_index_in_dim(k_cache, layer_index, 0, keepdims=False).astype(dtype)
             v = jax.lax.dynamic_index_in_dim(v_cache, layer_index, 0, keepdims=False).astype(dtype)
         attn_BxTxHHd = attention(q, k, v, mask_BxTxS, causal_square=cache_kv is None)
-        x_BxTxD = x_BxTxD + _project("o_proj", attn_BxTxHHd, w, layer_deltas, dropout, rng)
+        x_BxTxD = x_BxTxD + _project("o_proj", attn_BxTxHHd, w, layer_deltas, dropout, rng)[0]
 
         y = _rms_norm(x_BxTxD, w.mlp_norm_LxD, cfg.rms_norm_eps)
-        gate = act(_project("gate_proj", y, w, layer_deltas, dropout, rng))
-        up = _project("up_proj", y, w, layer_deltas, dropout, rng)
-        x_BxTxD = x_BxTxD + _project("down_proj", gate * up, w, layer_deltas, dropout, rng)
+        gate = act(_project("gate_proj", y, w, layer_deltas, dropout, rng)[0])
+        up = _project("up_proj", y, w, layer_deltas, dropout, rng)[0]
+        x_BxTxD = x_BxTxD + _project("down_proj", gate * up, w, layer_deltas, dropout, rng)[0]
         return (x_BxTxD, cache_kv), None
 
     if remat:

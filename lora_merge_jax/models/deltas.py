@@ -41,12 +41,34 @@ class LowRankDelta:
 
     def apply(self, x_BxTxD: Array, rate: float = 0.0, rng: Array | None = None) -> Array:
         x_BxTxD = _dropout(x_BxTxD, rate, rng)
-        dtype = x_BxTxD.dtype
-        x_NxD = tokens_first(x_BxTxD)
-        h_NxR = jnp.einsum("nd,dr->nr", x_NxD, self.a_DxR.astype(dtype))
-        h_NxR = h_NxR * self.gain_R.astype(dtype)
-        y_NxF = jnp.einsum("nr,rf->nf", h_NxR, self.b_RxF.astype(dtype))
+        y_NxF = self.up(self.down(tokens_first(x_BxTxD)))
         return y_NxF.reshape(*x_BxTxD.shape[:-1], -1)
+
+    def down(self, x_NxD: Array) -> Array:
+        """The rank activations x @ a [N, R], before the gain (what the backward keeps)."""
+        return jnp.einsum("nd,dr->nr", x_NxD, self.a_DxR.astype(x_NxD.dtype))
+
+    def up(self, h_NxR: Array) -> Array:
+        """(h * gain) @ b [N, F]."""
+        h_NxR = h_NxR * self.gain_R.astype(h_NxR.dtype)
+        return jnp.einsum("nr,rf->nf", h_NxR, self.b_RxF.astype(h_NxR.dtype))
+
+    def backward(self, x_NxD: Array, h_NxR: Array, dy_NxF: Array, need: LowRankDelta) -> tuple[Array, LowRankDelta]:
+        """The VJP of ``up(down(x))`` at x (with ``h = down(x)``): (dx [N, D], the factors' gradients, None
+        where ``need``, a LowRankDelta of bools, is False).
+
+        The product over the N tokens for a is taken as [R, D] and transposed: XLA's CPU backend runs the
+        [D, R] form (an R-wide output) several times slower.
+        """
+        dtype = dy_NxF.dtype
+        gain_R = self.gain_R.astype(dtype)
+        dh_NxR = jnp.einsum("nf,rf->nr", dy_NxF, self.b_RxF.astype(dtype))
+        d_gain = jnp.sum(h_NxR * dh_NxR, axis=0).astype(self.gain_R.dtype) if need.gain_R else None
+        dh_NxR = dh_NxR * gain_R
+        d_a = jnp.einsum("nr,nd->rd", dh_NxR, x_NxD).T.astype(self.a_DxR.dtype) if need.a_DxR else None
+        d_b = jnp.einsum("nr,nf->rf", h_NxR * gain_R, dy_NxF).astype(self.b_RxF.dtype) if need.b_RxF else None
+        dx_NxD = jnp.einsum("nr,dr->nd", dh_NxR, self.a_DxR.astype(dtype))
+        return dx_NxD, LowRankDelta(d_a, d_b, d_gain)
 
     def weight(self) -> Array:
         """delta-W [D, F] (or [L, D, F] when stacked) in float32."""
@@ -63,13 +85,37 @@ class BlockDelta:
 
     def apply(self, x_BxTxD: Array, rate: float = 0.0, rng: Array | None = None) -> Array:
         x_BxTxD = _dropout(x_BxTxD, rate, rng)
-        dtype = x_BxTxD.dtype
+        y_NxF = self.up(self.down(tokens_first(x_BxTxD)))
+        return y_NxF.reshape(*x_BxTxD.shape[:-1], -1)
+
+    def down(self, x_NxD: Array) -> Array:
+        """Each mini LoRA's rank activations [N, n, R] (input slice i @ a_i), before the gain."""
         n, dn, _ = self.a_NxDnxR.shape
-        x_MxNxDn = tokens_first(x_BxTxD).reshape(-1, n, dn)  # M = B*T tokens
-        h_MxNxR = jnp.einsum("mnd,ndr->mnr", x_MxNxDn, self.a_NxDnxR.astype(dtype))
-        h_MxNxR = h_MxNxR * self.gain_NxR.astype(dtype)
-        y_MxNxFn = jnp.einsum("mnr,nrf->mnf", h_MxNxR, self.b_NxRxFn.astype(dtype))
-        return y_MxNxFn.reshape(*x_BxTxD.shape[:-1], -1)
+        x_NxnxDn = x_NxD.reshape(-1, n, dn)
+        return jnp.einsum("mnd,ndr->mnr", x_NxnxDn, self.a_NxDnxR.astype(x_NxD.dtype))
+
+    def up(self, h_NxnxR: Array) -> Array:
+        """The output slices (h_i * gain_i) @ b_i, concatenated [N, F]."""
+        h_NxnxR = h_NxnxR * self.gain_NxR.astype(h_NxnxR.dtype)
+        y_NxnxFn = jnp.einsum("mnr,nrf->mnf", h_NxnxR, self.b_NxRxFn.astype(h_NxnxR.dtype))
+        return y_NxnxFn.reshape(y_NxnxFn.shape[0], -1)
+
+    def backward(self, x_NxD: Array, h_NxnxR: Array, dy_NxF: Array, need: BlockDelta) -> tuple[Array, BlockDelta]:
+        """As ``LowRankDelta.backward``, block by block."""
+        dtype = dy_NxF.dtype
+        n, dn, _ = self.a_NxDnxR.shape
+        x_NxnxDn = x_NxD.reshape(-1, n, dn)
+        dy_NxnxFn = dy_NxF.reshape(dy_NxF.shape[0], n, -1)
+        gain_NxR = self.gain_NxR.astype(dtype)
+        dh_NxnxR = jnp.einsum("mnf,nrf->mnr", dy_NxnxFn, self.b_NxRxFn.astype(dtype))
+        d_gain = jnp.sum(h_NxnxR * dh_NxnxR, axis=0).astype(self.gain_NxR.dtype) if need.gain_NxR else None
+        dh_NxnxR = dh_NxnxR * gain_NxR
+        d_a = (jnp.einsum("mnr,mnd->nrd", dh_NxnxR, x_NxnxDn).transpose(0, 2, 1).astype(self.a_NxDnxR.dtype)
+               if need.a_NxDnxR else None)
+        d_b = (jnp.einsum("mnr,mnf->nrf", h_NxnxR * gain_NxR, dy_NxnxFn).astype(self.b_NxRxFn.dtype)
+               if need.b_NxRxFn else None)
+        dx_NxnxDn = jnp.einsum("mnr,ndr->mnd", dh_NxnxR, self.a_NxDnxR.astype(dtype))
+        return dx_NxnxDn.reshape(x_NxD.shape), BlockDelta(d_a, d_b, d_gain)
 
     def weight(self) -> Array:
         """Block-diagonal delta-W [D, F] (or [L, D, F] when stacked) in float32."""

@@ -7,6 +7,10 @@ interrupted save is never listed as a step; ``restore`` therefore only sees comp
 complete one damaged afterwards (a truncated or corrupted file: OCDBT checks CRC-32C checksums) raises
 ``CheckpointError`` naming its step directory. The run's resolved config is written
 beside the steps (``run_config.yaml``) so a resume can refuse a different config.
+
+Multi-process jobs: every process creates the ``Checkpointer`` and calls ``save``, ``restore``, ``quarantine``,
+``wait`` and ``close`` for the same steps, in the same order (orbax synchronises them inside); each writes
+and reads its own shards of the state, into a directory all of them can reach (a shared file system).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
@@ -71,13 +77,19 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.directory}: no complete checkpoint to resume from")
+        error: Exception | None = None
         try:
             restored = self.manager.restore(
                 step,
                 args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
             )
         except Exception as e:  # orbax raises many types for a damaged step directory
-            raise CheckpointError(f"{self.directory / str(step)}: cannot restore checkpoint: {type(e).__name__}: {e}") from e
+            error = e
+        failed = _processes_where(error is not None)  # each process reads its own shards: all must agree
+        if failed:
+            reason = (f"{type(error).__name__}: {error}" if error is not None
+                      else f"process(es) {failed} could not read their part of it")
+            raise CheckpointError(f"{self.directory / str(step)}: cannot restore checkpoint: {reason}") from error
         return restored.state, dict(restored.data), step
 
     def quarantine(self, step: int) -> Path:
@@ -88,9 +100,11 @@ class Checkpointer:
         suffix = 1
         while target.exists():
             target, suffix = target_dir / f"{step}.{suffix}", suffix + 1
+        _barrier(f"quarantine {step}: target chosen")  # every process has looked before process 0 moves it
         if jax.process_index() == 0:
             target_dir.mkdir(parents=True, exist_ok=True)
             (self.directory / str(step)).rename(target)
+        _barrier(f"quarantine {step}: moved")
         self.manager.reload()
         return target
 
@@ -101,6 +115,20 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _barrier(name: str) -> None:
+    """Waits until every process of a multi-process job gets here (nothing with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _processes_where(flag: bool) -> list[int]:
+    """The processes on which ``flag`` is true (every process calls this; with one process, no collective)."""
+    if jax.process_count() == 1:
+        return [0] if flag else []
+    flags = multihost_utils.process_allgather(np.int32(flag))
+    return [int(i) for i in np.flatnonzero(flags)]
 
 
 def abstract_like(state: Any, shardings: Any) -> Any:

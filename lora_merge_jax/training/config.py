@@ -76,13 +76,35 @@ class RunSection:
     keep_checkpoints: int = 3  # newest checkpoints kept
     async_checkpoints: bool = True  # write checkpoints in the background
     max_nonfinite_in_a_row: int = 10  # stop (after saving) when this many steps in a row are non-finite
-    distributed: bool = False  # call jax.distributed.initialize() (multi-host TPU/GPU jobs)
+    distributed: bool = False  # multi-process job: call jax.distributed.initialize() (TPU pod, SLURM: auto-detected)
+    coordinator_address: str | None = None  # host:port of process 0's coordinator (else auto-detected)
+    num_processes: int | None = None  # processes in the job, with coordinator_address
+    process_id: int | None = None  # this process's index in [0, num_processes), with coordinator_address
     progress: bool = True  # show a progress bar
 
     def validate(self) -> None:
         for name in ("steps", "grad_accum", "log_every", "save_every", "keep_checkpoints", "max_nonfinite_in_a_row"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        explicit = {n: getattr(self, n) for n in ("coordinator_address", "num_processes", "process_id")}
+        if any(v is not None for v in explicit.values()):
+            missing = [n for n, v in explicit.items() if v is None]
+            if missing:
+                raise ValueError(f"train.{', train.'.join(missing)}: coordinator_address, num_processes and "
+                                 "process_id are set together (or none of them, to auto-detect)")
+            if not self.distributed:
+                raise ValueError("train.coordinator_address: set with train.distributed false; a multi-process "
+                                 "job needs train.distributed: true")
+            if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
+                raise ValueError(f"train.process_id: must be in [0, num_processes={self.num_processes}), "
+                                 f"got {self.process_id}")
+
+    def distributed_kwargs(self) -> dict[str, str | int]:
+        """Keyword arguments of ``jax.distributed.initialize`` ({} = auto-detection)."""
+        if self.coordinator_address is None:
+            return {}
+        return {"coordinator_address": self.coordinator_address, "num_processes": self.num_processes,
+                "process_id": self.process_id}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,22 +6,35 @@ data, builds the adapter (LoRA, MELoRA, or the adaptive merge of task LoRAs), an
 device inside the loop; checkpoints are written asynchronously with the data position. SIGTERM saves a
 checkpoint and exits cleanly (preemption); a run of non-finite steps saves and stops with a message.
 At the end the adapter is exported in PEFT format beside the checkpoints.
+
+Multi-process jobs (``train.distributed``: one process per host, or several on one machine): every process
+runs this same code on the same config. Each reads only its rows of every global batch; all write and read
+their shards of each checkpoint together; process 0 alone writes ``run_config.yaml``, the embedded model and
+task, metrics and the exported adapter (gathered from every process first), the others waiting at barriers.
+Every decision that leads to a collective (save, stop, restore) is taken from values all processes share:
+the step count, replicated metrics, and SIGTERM, which each process contributes to a small all-process
+maximum computed every step and read one step late, so that SIGTERM to any one process makes all of them
+save the same step and exit cleanly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import signal
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+import yaml
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
-from lora_merge_jax import tiny
+from lora_merge_jax import config, tiny
 from lora_merge_jax.adapters import common
 from lora_merge_jax.adapters.lora import init_lora
 from lora_merge_jax.adapters.melora import init_melora
@@ -39,7 +52,7 @@ from lora_merge_jax.training.checkpoint import (
     Checkpointer,
     abstract_like,
 )
-from lora_merge_jax.training.config import TrainConfig
+from lora_merge_jax.training.config import RunSection, TrainConfig
 
 
 class TrainingStopped(RuntimeError):
@@ -59,11 +72,66 @@ class TrainResult:
     stopped_early: bool = False  # SIGTERM or stop_after ended the run before train.steps
 
 
+def init_distributed(run: RunSection) -> None:
+    """Joins the multi-process job (once per process) when ``train.distributed`` is set: with the explicit
+    coordinator fields when given, else auto-detected (Cloud TPU, SLURM, Open MPI...)."""
+    if run.distributed and not jax.distributed.is_initialized():
+        jax.distributed.initialize(**run.distributed_kwargs())
+
+
+def _barrier(name: str) -> None:
+    """Every process waits here for the others (nothing with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _check_same_config(cfg: TrainConfig) -> None:
+    """Refuses to start when the processes were given different configs (how each is launched aside): they
+    would soon wait in different collectives, forever."""
+    if jax.process_count() == 1:
+        return
+    text = yaml.safe_dump(run_dir.without_launch_fields(config.to_dict(cfg)), sort_keys=True)
+    digests = multihost_utils.process_allgather(np.uint32(zlib.crc32(text.encode())))
+    differ = [i for i, d in enumerate(np.ravel(digests)) if d != digests[0]]
+    if differ:
+        raise ValueError(f"process(es) {differ} were given a config different from process 0's; every process "
+                         "of a job must run with the same config (only train.process_id differs)")
+
+
+def _embedded_model(run_dir: Path) -> Path:
+    """``tiny.embedded_model`` in a job of any number of processes.
+
+    Making the model computes its weights on every device (a collective when there are several processes), so
+    every process makes it, each into its own scratch directory; process 0's copy is moved into place.
+    """
+    path = Path(run_dir) / "embedded" / "model"
+    if jax.process_count() == 1:
+        return tiny.embedded_model(run_dir)
+    missing = not (path / "config.json").exists()
+    _barrier("embedded model: looked")  # nobody writes before every process has looked
+    if missing:
+        scratch = path.with_name(f"model.process{jax.process_index()}")
+        shutil.rmtree(scratch, ignore_errors=True)
+        tiny.make_tiny_model(scratch)
+        _barrier("embedded model: made")
+        if jax.process_index() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+            scratch.rename(path)
+        else:
+            shutil.rmtree(scratch)
+        _barrier("embedded model: in place")
+    return path
+
+
 def embedded_defaults(cfg: TrainConfig) -> TrainConfig:
     """Fills in the embedded tiny model when no model path is set, and its toy task when no data is set."""
     if cfg.model.path is None:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(tiny.embedded_model(cfg.output_dir))))
+        path = _embedded_model(Path(cfg.output_dir))
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(path)))
     if cfg.data.train_file is None and cfg.data.hub_name is None:
+        if jax.process_index() == 0:
+            tiny.embedded_task(cfg.output_dir)  # writes the files on first use
+        _barrier("embedded task")  # then the others find them and write nothing
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **tiny.embedded_task(cfg.output_dir)))
     return cfg
 
@@ -74,7 +142,7 @@ def _dtype(name: str | None) -> Any:
 
 def build_adapter(cfg: TrainConfig, model: Model) -> Any:
     """The adapter at step 0, placed on the model's mesh."""
-    a, key = cfg.adapter, jax.random.key(cfg.train.seed)
+    a, key = cfg.adapter, train_step.run_keys(cfg.train.seed)["init"]
     if a.kind == "merge":
         tasks = [peft_io.load_peft_adapter(adapter_dir(p), model) for p in cfg.merge.task_adapters]
         adapter = adaptive.merge_for_training(tasks, cfg.merge.granularity, cfg.merge.init_coefficients, a.dropout,
@@ -107,13 +175,65 @@ def _global_batch(local: dict[str, np.ndarray], shard: NamedSharding) -> dict[st
     return {k: jax.make_array_from_process_local_data(shard, v) for k, v in local.items()}
 
 
-def _scalars(metrics: dict, state: train_step.TrainState) -> dict[str, Any]:
-    out = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    adapter = state.adapter
-    if isinstance(adapter, adaptive.MergedLoraAdapter):
-        coeffs = jax.device_get(adapter.coefficients)
-        out["coefficients"] = jax.tree.map(lambda c: np.asarray(c).round(5).tolist(), coeffs)
-        out["sparsity"] = {n: np.asarray(s).round(5).tolist() for n, s in jax.device_get(adapter.sparsity()).items()}
+def _check_host_rows(shard: NamedSharding, batch_size: int) -> None:
+    """Refuses a mesh on which this process's devices do not hold exactly the rows the iterator gives it
+    (rows [p * B/P, (p + 1) * B/P) of each global batch), which ``make_array_from_process_local_data``
+    would silently misplace. The (data, fsdp, tensor) mesh over ``jax.devices()`` (ordered by process)
+    satisfies it whenever the batch axes data x fsdp span the processes."""
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1:
+        return
+    rows: set[int] = set()
+    for idx in shard.addressable_devices_indices_map((1, batch_size, 1)).values():
+        rows.update(range(batch_size)[idx[1]])
+    per_host = batch_size // count
+    if rows != set(range(index * per_host, (index + 1) * per_host)):
+        raise ValueError(f"mesh {dict(shard.mesh.shape)}: process {index} of {count} holds batch rows "
+                         f"{sorted(rows)} of {batch_size}, but each process reads rows [p * {per_host}, "
+                         f"(p + 1) * {per_host}); use a mesh whose data x fsdp axes split the batch across the "
+                         "processes (e.g. data = the number of processes or a multiple of it)")
+
+
+class _StopAgreement:
+    """Whether any process received SIGTERM: the maximum, over every device of the mesh, of each process's
+    flag; a replicated value that every process reads alike. Dispatched each step (a [num_devices] int32
+    array and one tiny jitted reduction) and read one step later, so the host does not wait for it."""
+
+    def __init__(self, mesh: jax.sharding.Mesh):
+        self._sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+        self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+        self._local = len(self._sharding.addressable_devices)
+
+    def __call__(self, raised: bool) -> jax.Array:
+        local = np.full((self._local,), int(raised), np.int32)
+        return self._max(jax.make_array_from_process_local_data(self._sharding, local))
+
+
+def _gather_adapter(adapter: Any) -> Any:
+    """The adapter with every array that spans other processes gathered (all processes must call this);
+    with one process, the adapter unchanged."""
+    if jax.process_count() == 1:
+        return adapter
+    gather = lambda x: (multihost_utils.process_allgather(x, tiled=True)  # noqa: E731
+                        if isinstance(x, jax.Array) and not x.is_fully_addressable else x)
+    return jax.tree.map(gather, adapter)
+
+
+def _on_every_process_log(log):
+    """``log`` with lines prefixed by the process index when there are several processes."""
+    if jax.process_count() == 1:
+        return log
+    prefix = f"[process {jax.process_index()}/{jax.process_count()}]"
+    return lambda *parts: log(prefix, *parts)
+
+
+def _scalars(metrics: dict) -> dict[str, Any]:
+    """Host values of a step's metrics: floats, and the merge's coefficients and sparsity as nested lists."""
+    host = jax.device_get(metrics)
+    out = {k: float(v) for k, v in host.items() if k not in ("coefficients", "sparsity")}
+    for key in ("coefficients", "sparsity"):
+        if key in host:
+            out[key] = jax.tree.map(lambda x: np.asarray(x).round(5).tolist(), host[key])
     return out
 
 
@@ -156,8 +276,9 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
     Returns:
         The final state, the model and where the adapter was exported.
     """
-    if cfg.train.distributed:
-        jax.distributed.initialize()
+    init_distributed(cfg.train)
+    log = _on_every_process_log(log)
+    _check_same_config(cfg)
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():  # before embedded_defaults, which writes under it
         raise FileExistsError(f"output_dir {out}: exists and is not a directory")
@@ -187,6 +308,7 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
                                          remat=cfg.train.remat, post_update=post_update,
                                          max_target_tokens=prompts.max_target_tokens(examples))
     train_fn = train_step.jit_train_step(step_fn, state, model.weights, model.config, mesh, cfg.data.batch_size)
+    _check_host_rows(train_fn.batch_sharding, cfg.data.batch_size)
 
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(out / "checkpoints", cfg.train.keep_checkpoints, cfg.train.async_checkpoints)
@@ -207,8 +329,9 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
     except BaseException:
         ckpt.close()  # a refused or failed resume leaves run_config.yaml and the checkpoints as they were
         raise
-    if write_config:
+    if write_config and jax.process_index() == 0:
         run_dir.write_run_config(out, cfg)
+    _barrier("run config written")
     # Placed as the step returns it, so that its first and later calls share one compiled program.
     state = jax.device_put(state, train_fn.state_shardings)
 
@@ -216,10 +339,12 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
     state, losses, stopped = result
     ckpt.close()
     exported = out / "adapter"
+    adapter = _gather_adapter(state.adapter)
     if jax.process_index() == 0:
-        peft_export.save_peft_adapter(state.adapter, exported, model)
+        peft_export.save_peft_adapter(adapter, exported, model)
         if cfg.adapter.kind == "merge":
-            export.write_merge_outputs(state.adapter, model, out, cfg.merge.export_rank, log)
+            export.write_merge_outputs(adapter, model, out, cfg.merge.export_rank, log)
+    _barrier("adapter exported")  # when train() returns, on any process, the files are there
     log(f"adapter written to {exported} (PEFT format)")
     return TrainResult(state, model, out, exported, losses, resumed_from, stopped)
 
@@ -235,14 +360,18 @@ def _loop(cfg: TrainConfig, state: train_step.TrainState, train_fn: Any, iterato
     start = int(jax.device_get(state.step))
     losses: list[float] = []
     metrics_log = MetricsLog(out, enabled=jax.process_index() == 0)
-    bar = tqdm(total=run.steps, initial=start, disable=not run.progress, dynamic_ncols=True, desc="train")
-    pending: tuple[int, Any, int] | None = None
-    tokens_seen, t0, stopped, too_many_nonfinite = 0, time.perf_counter(), False, False
+    bar = tqdm(total=run.steps, initial=start, disable=not run.progress or jax.process_index() != 0,
+               dynamic_ncols=True, desc="train")
+    # With several processes, SIGTERM is acted on once every process knows of it: see _StopAgreement.
+    agree = _StopAgreement(train_fn.batch_sharding.mesh) if jax.process_count() > 1 else None
+    pending: tuple[int, Any, int, Any] | None = None
+    tokens_seen, t0, stopped, too_many_nonfinite, preempted = 0, time.perf_counter(), False, False, False
 
-    def drain(item: tuple[int, Any, int]) -> None:
-        nonlocal tokens_seen, too_many_nonfinite
-        step, metrics, tokens = item
-        scalars = _scalars(metrics, state) if step % run.log_every == 0 or step == run.steps else None
+    def drain(item: tuple[int, Any, int, Any]) -> None:
+        nonlocal tokens_seen, too_many_nonfinite, preempted
+        step, metrics, tokens, anyone_raised = item
+        log_step = metrics_log.enabled and (step % run.log_every == 0 or step == run.steps)
+        scalars = _scalars(metrics) if log_step else None
         loss = float(jax.device_get(metrics["loss"]))
         losses.append(loss)
         tokens_seen += tokens
@@ -253,6 +382,8 @@ def _loop(cfg: TrainConfig, state: train_step.TrainState, train_fn: Any, iterato
         if not bool(jax.device_get(metrics["finite"])):
             log(f"step {step}: non-finite loss or gradient, update skipped")
             too_many_nonfinite = int(jax.device_get(metrics["skipped_in_a_row"])) >= run.max_nonfinite_in_a_row
+        if anyone_raised is not None:
+            preempted = preempted or bool(jax.device_get(anyone_raised))
 
     with _SignalFlag() as sigterm:
         step = start
@@ -260,13 +391,16 @@ def _loop(cfg: TrainConfig, state: train_step.TrainState, train_fn: Any, iterato
             micro = [next(iterator) for _ in range(run.grad_accum)]
             batch = _global_batch(_stack_micro(micro), train_fn.batch_sharding)
             state, metrics = train_fn(state, batch)
+            anyone_raised = agree(sigterm.raised) if agree is not None else None
             step += 1
             if pending is not None:
                 drain(pending)  # read the previous step's metrics: this step is already dispatched
-            pending = (step, metrics, int(sum(b["attention_mask"].sum() for b in micro)))
+            pending = (step, metrics, int(sum(b["attention_mask"].sum() for b in micro)), anyone_raised)
+            if agree is None:
+                preempted = sigterm.raised
             bar.update(1)
             pause = stop_after is not None and step - start >= stop_after
-            if (step % run.save_every == 0 or step == run.steps or sigterm.raised or pause
+            if (step % run.save_every == 0 or step == run.steps or preempted or pause
                     or too_many_nonfinite):
                 ckpt.save(step, state, iterator.state(), force=True)
             if too_many_nonfinite:
@@ -278,8 +412,9 @@ def _loop(cfg: TrainConfig, state: train_step.TrainState, train_fn: Any, iterato
                     f"(limit train.max_nonfinite_in_a_row) and were skipped; checkpoint saved at step {step} in "
                     f"{ckpt.directory} (its adapter is the last finite one). Check the data, the learning rate "
                     "and the base weights, then resume")
-            if sigterm.raised or pause:
-                log(f"{'SIGTERM' if sigterm.raised else 'stop_after'}: checkpoint saved at step {step}; exiting")
+            if preempted or pause:
+                cause = "stop_after" if not preempted else "SIGTERM" if sigterm.raised else "SIGTERM to another process"
+                log(f"{cause}: checkpoint saved at step {step}; exiting")
                 stopped = True
                 break
         if pending is not None:

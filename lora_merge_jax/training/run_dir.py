@@ -2,7 +2,8 @@
 
 A run directory holds ``run_config.yaml`` (the resolved config, seed included), ``checkpoints/``,
 ``damaged_checkpoints/`` (checkpoints that failed to restore, moved aside by ``--resume latest_valid``),
-``metrics.jsonl``, ``tensorboard/`` and the exported ``adapter/``.
+``metrics.jsonl``, ``tensorboard/`` and the exported ``adapter/``. In a multi-process job process 0 writes
+them (the others wait at a barrier), into a directory every process can read.
 """
 
 from __future__ import annotations
@@ -18,11 +19,20 @@ from lora_merge_jax.training.checkpoint import Checkpointer, CheckpointError
 from lora_merge_jax.training.config import TrainConfig
 
 RUN_CONFIG = "run_config.yaml"
+# How a run is launched, not what it computes: a resume may use other processes, ports, or one host.
+LAUNCH_FIELDS = ("distributed", "coordinator_address", "num_processes", "process_id")
+
+
+def without_launch_fields(run_config: dict) -> dict:
+    """A config's plain form (``config.to_dict``) without the fields that only say how it is launched."""
+    train = {k: v for k, v in (run_config.get("train") or {}).items() if k not in LAUNCH_FIELDS}
+    return {**run_config, "train": train}
 
 
 def check_run_config(out: Path, cfg: TrainConfig, force: bool) -> bool:
-    """Refuses a resume whose config differs from the one the run started with (``output_dir`` aside, so a
-    moved run directory still resumes); returns whether ``run_config.yaml`` needs (re)writing."""
+    """Refuses a resume whose config differs from the one the run started with (``output_dir`` and how it is
+    launched aside: a moved run directory, or one resumed on other processes, still resumes); returns
+    whether ``run_config.yaml`` needs (re)writing."""
     file = out / RUN_CONFIG
     current = config.to_dict(cfg)
     if not file.exists():
@@ -30,6 +40,7 @@ def check_run_config(out: Path, cfg: TrainConfig, force: bool) -> bool:
     saved = yaml.safe_load(file.read_text())
     if saved == current:
         return False
+    saved, current = without_launch_fields(saved), without_launch_fields(current)
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k) and k != "output_dir")
     if diff and not force:
         raise ValueError(f"{file}: this run was started with a different config (sections {diff} differ); "

@@ -14,6 +14,7 @@ micro-batches give the same update as one batch of M*B examples.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -21,17 +22,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from optax.transforms import MaskedNode
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lora_merge_jax import sharding
 from lora_merge_jax.adapters import common
+from lora_merge_jax.merge.adaptive import MergedLoraAdapter
+from lora_merge_jax.merge.pruning import FactorScores
 from lora_merge_jax.models import decoder, losses
 from lora_merge_jax.models import weights as weights_lib
 from lora_merge_jax.models.config import ModelConfig
 
 Array = jax.Array
-PostUpdate = Callable[["TrainState", Any], "TrainState"]
+PostUpdate = Callable[["TrainState", Any, optax.GradientTransformation], "TrainState"]
 
 
 @struct.dataclass
@@ -52,36 +56,52 @@ class TrainState:
         return common.combine(self.trainable, self.frozen)
 
 
+def run_keys(seed: int) -> dict[str, Array]:
+    """A run's random keys, split by purpose from its one root key ``jax.random.key(seed)``.
+
+    ``init``: the adapter's initial factors; ``dropout``: the train state's dropout stream. Adding a purpose
+    later must not change these two, so new ones are folded in rather than split off.
+    """
+    init, dropout = jax.random.split(jax.random.key(seed))
+    return {"init": init, "dropout": dropout}
+
+
 def init_state(adapter: Any, optimizer: optax.GradientTransformation, seed: int,
                trainable_fields: tuple[str, ...] | None = None, extra: Any = None) -> TrainState:
-    """A step-0 state for ``adapter`` (optimizer state built for the trainable fields only)."""
+    """A step-0 state for ``adapter`` (optimizer state built for the trainable fields only); its dropout
+    stream is ``run_keys(seed)["dropout"]``."""
     trainable, frozen = common.split(adapter, trainable_fields)
     return TrainState(
         step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen, opt_state=optimizer.init(trainable),
-        rng=jax.random.PRNGKey(seed), skipped=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(run_keys(seed)["dropout"]), skipped=jnp.zeros((), jnp.int32),
         skipped_in_a_row=jnp.zeros((), jnp.int32), extra=extra,
     )
 
 
-def state_shardings(state: TrainState, cfg: ModelConfig, mesh: Mesh) -> TrainState:
-    """Shardings of a train state: the adapter follows its logical axes, and so does every optimizer moment
-    or statistic that mirrors an adapter leaf (matched by key path suffix); scalars are replicated."""
-    adapter = state.adapter
-    by_path = {
-        jax.tree_util.keystr(path): shard
-        for (path, _), shard in zip(jax.tree_util.tree_flatten_with_path(adapter)[0],
-                                    jax.tree.leaves(common.shardings(adapter, cfg, mesh)))
-    }
+def state_shardings(state: TrainState, cfg: ModelConfig, mesh: Mesh,
+                    optimizer: optax.GradientTransformation) -> TrainState:
+    """Shardings of a train state: the adapter follows its logical axes, every optimizer moment follows the
+    parameter it belongs to (found by ``optax.tree_utils.tree_map_params``, not by name), pruning statistics
+    follow the factors they score, and everything else (step, counts, keys) is replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
+    adapter_sh = common.shardings(state.adapter, cfg, mesh)
+    trained = [f.name for f in dataclasses.fields(state.trainable) if getattr(state.trainable, f.name) is not None
+               and f.metadata.get("pytree_node", True)]
+    trainable_sh, frozen_sh = common.split(adapter_sh, trained)
+    # A parameter-shaped part of the state holds MaskedNode (no array) where a partition or mask leaves a
+    # parameter out (optax.partition's groups): kept as it is.
+    opt_sh = optax.tree_utils.tree_map_params(
+        optimizer, lambda moment, shard: moment if isinstance(moment, MaskedNode) else shard, state.opt_state,
+        trainable_sh, transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, MaskedNode))
 
-    def one(path: Any, leaf: Any) -> NamedSharding:
-        key = jax.tree_util.keystr(path)
-        for suffix, shard in by_path.items():
-            if key.endswith(suffix) and len(shard.spec) <= getattr(leaf, "ndim", 0):
-                return shard
+    def extra(node: Any) -> Any:
+        if isinstance(node, FactorScores):
+            return FactorScores(a=adapter_sh.a, b=adapter_sh.b)
         return replicated
 
-    return jax.tree_util.tree_map_with_path(one, state)
+    extra_sh = jax.tree.map(extra, state.extra, is_leaf=lambda x: isinstance(x, FactorScores))
+    return state.replace(step=replicated, trainable=trainable_sh, frozen=frozen_sh, opt_state=opt_sh,
+                         rng=replicated, skipped=replicated, skipped_in_a_row=replicated, extra=extra_sh)
 
 
 def _finite(tree: Any) -> Array:
@@ -99,7 +119,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
         optimizer: from ``optim.make_optimizer``.
         compute_dtype: activations' dtype (the adapter and optimizer stay float32).
         remat: recompute layer activations in the backward pass.
-        post_update: ``f(state, grads) -> state`` run after each applied update (pruning masks).
+        post_update: ``f(state, grads, optimizer) -> state`` run after each applied update (pruning masks).
         max_target_tokens: a bound on the target tokens of every row (``prompts.max_target_tokens``); the
             LM head then runs on that many positions per row instead of all T. The same loss and gradients;
             ``jit_train_step`` rejects a batch that breaks the bound.
@@ -112,6 +132,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
         out, _ = decoder.apply_model(
             cfg, weights, ids_BxT, deltas=adapter.deltas(cfg), dropout=adapter.dropout,
             dropout_rng=rng if adapter.dropout > 0 else None, attention_mask_BxS=micro["attention_mask"],
+            positions_BxT=micro.get("positions"), segment_ids_BxT=micro.get("segment_ids"),
             compute_dtype=compute_dtype, remat=remat, return_hidden=selective,
         )
         if not selective:
@@ -148,7 +169,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
         updated = state.replace(trainable=keep(trainable, state.trainable), opt_state=keep(opt_state, state.opt_state),
                                 step=state.step + 1)
         if post_update is not None:
-            after = post_update(updated, grads)
+            after = post_update(updated, grads, optimizer)
             updated = jax.tree.map(lambda n, o: jnp.where(finite, n, o), after, updated)
         new_state = updated.replace(
             rng=rng,
@@ -159,9 +180,16 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
             "loss": loss, "target_tokens": count, "grad_norm": optax.tree_utils.tree_norm(grads),
             "finite": finite, "skipped": new_state.skipped, "skipped_in_a_row": new_state.skipped_in_a_row,
         }
+        if isinstance(new_state.frozen, MergedLoraAdapter):
+            # The merge's state after this step, returned with its loss so that the log pairs them (and the
+            # host never reads the state itself, which the next step has already been given).
+            adapter = new_state.adapter
+            metrics["coefficients"] = adapter.coefficients
+            metrics["sparsity"] = adapter.sparsity()
         return new_state, metrics
 
     step.max_target_tokens = max_target_tokens  # type: ignore[attr-defined]  # checked by jit_train_step
+    step.optimizer = optimizer  # type: ignore[attr-defined]  # its state's shardings follow the parameters
     return step
 
 
@@ -172,7 +200,7 @@ def jit_train_step(step: Callable, state: TrainState, weights: weights_lib.Weigh
     Returns ``train_step(state, batch) -> (state, metrics)`` with the base weights bound as an argument
     (not a compile-time constant).
     """
-    state_sh = state_shardings(state, cfg, mesh)
+    state_sh = state_shardings(state, cfg, mesh, step.optimizer)
     weight_sh = jax.tree.map(lambda x: x.sharding, weights)
     batch_axes = sharding.batch_sharding(mesh, batch_size, ndim=3, leading=1)  # [micro-batches, B, T]
     replicated = NamedSharding(mesh, PartitionSpec())
