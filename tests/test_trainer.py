@@ -75,7 +75,8 @@ def _train_cmd(out: Path, *extra: str) -> list[str]:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one CPU device, like a plain run
+    # 8 CPU devices, as the in-process reference run has: the same mesh gives the same adapter bitwise.
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
     env["PYTHONPATH"] = str(REPO)
     return env
 

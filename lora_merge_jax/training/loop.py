@@ -306,7 +306,7 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
         f"parameters; base model {model.config.num_params():,} parameters (frozen)")
     step_fn = train_step.make_train_step(model.config, tx, compute_dtype=model.compute_dtype,
                                          remat=cfg.train.remat, post_update=post_update,
-                                         max_target_tokens=prompts.max_target_tokens(examples))
+                                         max_target_tokens=iterator.max_target_tokens)
     train_fn = train_step.jit_train_step(step_fn, state, model.weights, model.config, mesh, cfg.data.batch_size)
     _check_host_rows(train_fn.batch_sharding, cfg.data.batch_size)
 
