@@ -1,6 +1,6 @@
 """Train a LoRA or MELoRA on a source task, or the adaptive merge of task LoRAs on a target task.
 
-    python train.py                                   # the embedded tiny model and task, about a minute on CPU
+    python train.py                                   # the embedded default job: the adaptive merge in miniature
     python train.py --config configs/lora_scitldr.yaml --set data.data_dir=../shared/data
     python train.py --config configs/merge_xscitldr_ja.yaml --resume latest
 
@@ -32,13 +32,16 @@ def _exit_now(code: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (default: the embedded tiny model and task)")
+    parser.add_argument("--config", help="YAML config (with neither --config nor --set: the embedded default "
+                        "job; with --set only: a LoRA on the embedded tiny model and toy task)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set optim.learning_rate=1e-4 (repeatable)")
     parser.add_argument("--resume", nargs="?", const="latest", choices=["latest", "latest_valid"],
                         help="continue from the latest complete checkpoint (latest_valid: skip damaged ones)")
     parser.add_argument("--force", action="store_true", help="resume even if the config changed")
     args = parser.parse_args(argv)
+    if args.config is None and not args.set and args.resume is None and not args.force:
+        return _main_default()
     try:
         cfg = config.load_config(TrainConfig, args.config, args.set)
     except ValueError as e:  # ConfigError, and the checks some config sections run on construction
@@ -55,6 +58,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if result.losses:
         print(f"loss: first {result.losses[0]:.4f}, last {result.losses[-1]:.4f} over {len(result.losses)} steps")
+    return 0
+
+
+def _main_default() -> int:
+    """No arguments: the embedded default job (``default_job.py``): source LoRAs on toy tasks (cached), then their
+    adaptive merge with pruning on a low-resource toy target, and the baselines ``python eval.py`` compares."""
+    from lora_merge_jax.default_job import run_default
+
+    try:
+        run_default()
+    except EXPECTED_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -21,6 +21,7 @@ ALLOWED = {  # layer -> the layers it may import besides itself
     "tiny": {"ground", "models", "adapters", "io"},
     "training": {"ground", "models", "adapters", "merge", "io", "data", "tiny"},
     "evaluation": {"ground", "models", "adapters", "merge", "io", "data", "tiny"},
+    "default_job": {"ground", "models", "adapters", "merge", "io", "data", "tiny", "training", "evaluation"},
     "package": {"ground", "models", "adapters", "merge", "io"},  # __init__.py: the public API
 }
 

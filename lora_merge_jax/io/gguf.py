@@ -471,8 +471,8 @@ def gguf_tokenizer(path: str | os.PathLike, reader: Any = None) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                        trust_remote_code=False)
+        folder, name = str(path.parent), path.name
+        tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
     except (ValueError, KeyError, IndexError, TypeError, OSError, AttributeError) as e:
         raise ValueError(f"{path}: cannot build a tokenizer from this GGUF: {type(e).__name__}: {e}") from None
     if not getattr(tok, "chat_template", None):

@@ -93,25 +93,77 @@ def _project(name: str, x_BxTxD: Array, w: LayerWeights, deltas: dict[str, Delta
     return y, h
 
 
-def _project_backward(name: str, x_BxTxD: Array, dy_BxTxF: Array, h: Array | None, w: LayerWeights,
-                      deltas: dict[str, Delta], need_deltas: dict[str, Any], need_weights: bool, dropout: float,
-                      rng: Array | None, grads: dict[str, Any]) -> Array:
-    """The VJP of ``_project`` at x: returns dx [B, T, D]; the adapter's (and, when ``need_weights``, the
-    weight's and bias's) gradients go into ``grads``."""
-    x_NxD, dy_NxF = tokens_first(x_BxTxD), tokens_first(dy_BxTxF)
-    dx_NxD = jnp.einsum("nf,df->nd", dy_NxF, w.proj[name].astype(dy_NxF.dtype))
-    if name in deltas:
-        adapter_x, dropout_vjp = jax.vjp(lambda x: _adapter_input(name, x, dropout, rng), x_BxTxD)
-        d_adapter_x, grads["deltas"][name] = deltas[name].backward(tokens_first(adapter_x), h, dy_NxF,
-                                                                   need_deltas[name])
-        if dropout > 0 and rng is not None:
-            d_adapter_x = tokens_first(dropout_vjp(d_adapter_x.reshape(x_BxTxD.shape))[0])
-        dx_NxD = dx_NxD + d_adapter_x
-    if need_weights:
-        grads["proj"][name] = jnp.einsum("nd,nf->df", x_NxD, dy_NxF).astype(w.proj[name].dtype)
+def _group_weight(names: tuple[str, ...], w: LayerWeights, deltas: dict[str, Delta], merge: bool,
+                  dtype: Any, with_down: bool = True) -> tuple[Array, list[int]]:
+    """The projections' weights side by side [D, sum F] in ``dtype`` (and the widths), for one product
+    with their shared input. ``merge``: each adapter's delta-W is added to its weight (the input's gradient
+    then needs no separate product through the adapter) and, ``with_down``, its ``down`` matrix appended as
+    more columns (its rank activations come out of the same product)."""
+    blocks = []
+    for name in names:
+        weight = w.proj[name]
+        if merge and name in deltas:
+            weight = weight + deltas[name].weight().astype(weight.dtype)
+        blocks.append(weight.astype(dtype))
+    widths = [blk.shape[1] for blk in blocks]
+    if merge and with_down:
+        blocks += [deltas[name].down_weight().astype(dtype) for name in names if name in deltas]
+    return (blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)), widths
+
+
+def _project_group(names: tuple[str, ...], x_BxTxD: Array, w: LayerWeights, deltas: dict[str, Delta],
+                   dropout: float, rng: Array | None, merge: bool) -> tuple[list[Array], dict[str, Array]]:
+    """``_project`` of several projections of one input as one product: ([B, T, F] per projection, the
+    adapters' rank activations by name)."""
+    b, t, _ = x_BxTxD.shape
+    weight, widths = _group_weight(names, w, deltas, merge, x_BxTxD.dtype)
+    y_NxF = jnp.einsum("nd,df->nf", tokens_first(x_BxTxD), weight)
+    outs, ranks, start = [], {}, 0
+    for name, width in zip(names, widths):
+        y = y_NxF[:, start:start + width]
+        start += width
         if name in w.bias:
-            grads["bias"][name] = jnp.sum(dy_NxF, axis=0).astype(w.bias[name].dtype)
+            y = y + w.bias[name].astype(y.dtype)
+        if name in deltas and not merge:
+            ranks[name] = deltas[name].down(tokens_first(_adapter_input(name, x_BxTxD, dropout, rng)))
+            y = y + deltas[name].up(ranks[name]).astype(y.dtype)
+        outs.append(y.reshape(b, t, width))
+    for name in names:
+        if name in deltas and merge:
+            size = int(np.prod(deltas[name].rank_shape))
+            ranks[name] = y_NxF[:, start:start + size].reshape(-1, *deltas[name].rank_shape)
+            start += size
+    return outs, ranks
+
+
+def _project_group_backward(names: tuple[str, ...], x_BxTxD: Array, dys: list[Array], ranks: dict[str, Array],
+                            w: LayerWeights, deltas: dict[str, Delta], need_deltas: dict[str, Any],
+                            need_weights: bool, dropout: float, rng: Array | None, merge: bool,
+                            grads: dict[str, Any]) -> Array:
+    """The VJP of ``_project_group`` at x: returns dx [B, T, D]; the adapters' (and, when ``need_weights``, the
+    weights' and biases') gradients go into ``grads``."""
+    x_NxD = tokens_first(x_BxTxD)
+    dy_NxFs = [tokens_first(dy) for dy in dys]
+    weight, _ = _group_weight(names, w, deltas, merge, dy_NxFs[0].dtype, with_down=False)
+    dy_NxF = dy_NxFs[0] if len(dy_NxFs) == 1 else jnp.concatenate(dy_NxFs, axis=1)
+    dx_NxD = jnp.einsum("nf,df->nd", dy_NxF, weight)
+    for name, dy in zip(names, dy_NxFs):
+        if name in deltas:
+            adapter_x, dropout_vjp = jax.vjp(lambda x: _adapter_input(name, x, dropout, rng), x_BxTxD)
+            d_adapter_x, grads["deltas"][name] = deltas[name].backward(
+                tokens_first(adapter_x), ranks[name], dy, need_deltas[name], input_grad=not merge)
+            if not merge:
+                if dropout > 0 and rng is not None:
+                    d_adapter_x = tokens_first(dropout_vjp(d_adapter_x.reshape(x_BxTxD.shape))[0])
+                dx_NxD = dx_NxD + d_adapter_x
+        if need_weights:
+            grads["proj"][name] = jnp.einsum("nd,nf->df", x_NxD, dy).astype(w.proj[name].dtype)
+            if name in w.bias:
+                grads["bias"][name] = jnp.sum(dy, axis=0).astype(w.bias[name].dtype)
     return dx_NxD.reshape(x_BxTxD.shape)
+
+
+_QKV, _O, _GATE_UP, _DOWN = ("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)
 
 
 class _LayerSpec(NamedTuple):
@@ -123,6 +175,7 @@ class _LayerSpec(NamedTuple):
     eps: float
     act: str
     dropout: float
+    merge: bool  # fold each adapter into its projection's weight (no dropout, 32-bit activations)
 
 
 def _layer_forward(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dict[str, Delta], rng: Array | None,
@@ -131,26 +184,25 @@ def _layer_forward(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: di
     b, t, _ = x_BxTxD.shape
     h, kv, hd = spec.heads, spec.kv_heads, spec.head_dim
     mask_BxTxS = base_mask_BxTxS & ((window == 0) | (distance_TxS < window))[None]
-    ranks = {}
+    group = functools.partial(_project_group, w=w, deltas=deltas, dropout=spec.dropout, rng=rng, merge=spec.merge)
     y = _rms_norm(x_BxTxD, w.attn_norm_LxD, spec.eps)
-    q, ranks["q_proj"] = _project("q_proj", y, w, deltas, spec.dropout, rng)
-    k, ranks["k_proj"] = _project("k_proj", y, w, deltas, spec.dropout, rng)
-    v, ranks["v_proj"] = _project("v_proj", y, w, deltas, spec.dropout, rng)
+    (q, k, v), ranks = group(_QKV, y)
     q, k = _rope(q.reshape(b, t, h, hd), cos, sin), _rope(k.reshape(b, t, kv, hd), cos, sin)
     v = v.reshape(b, t, kv, hd)
     attn_BxTxHHd, stats = attention_forward(q, k, v, mask_BxTxS, causal_square=True)
-    o, ranks["o_proj"] = _project("o_proj", attn_BxTxHHd, w, deltas, spec.dropout, rng)
+    (o,), more = group(_O, attn_BxTxHHd)
+    ranks.update(more)
     mid_BxTxD = x_BxTxD + o
     y = _rms_norm(mid_BxTxD, w.mlp_norm_LxD, spec.eps)
-    gate, ranks["gate_proj"] = _project("gate_proj", y, w, deltas, spec.dropout, rng)
-    up, ranks["up_proj"] = _project("up_proj", y, w, deltas, spec.dropout, rng)
-    down, ranks["down_proj"] = _project("down_proj", _ACTIVATIONS[spec.act](gate) * up, w, deltas, spec.dropout, rng)
+    (gate, up), more = group(_GATE_UP, y)
+    ranks.update(more)
+    (down,), more = group(_DOWN, _ACTIVATIONS[spec.act](gate) * up)
+    ranks.update(more)
     out_BxTxD = mid_BxTxD + down
     # Kept for the backward: the inputs of the norms, attention's inputs, output and softmax statistics, the
     # MLP's pre-activations and every adapter's rank activations. Norms, rotary embeddings and the
     # activation are recomputed from them; nothing [T, S]-sized is kept.
-    saved = (x_BxTxD, q, k, v, attn_BxTxHHd, stats, mid_BxTxD, gate, up,
-             {name: r for name, r in ranks.items() if r is not None})
+    saved = (x_BxTxD, q, k, v, attn_BxTxHHd, stats, mid_BxTxD, gate, up, ranks)
     return out_BxTxD, saved
 
 
@@ -182,9 +234,9 @@ def _layer_bwd(spec, residuals, d_out_BxTxD):
     mask_BxTxS = base_mask_BxTxS & ((window == 0) | (distance_TxS < window))[None]
     grads: dict[str, Any] = {"deltas": {}, "proj": {}, "bias": {}}
 
-    def project_backward(name, x, dy):
-        return _project_backward(name, x, dy, ranks.get(name), w, deltas, need_deltas, need_weights, spec.dropout,
-                                 rng, grads)
+    def group_backward(names, x, dys):
+        return _project_group_backward(names, x, dys, ranks, w, deltas, need_deltas, need_weights, spec.dropout,
+                                       rng, spec.merge, grads)
 
     def norm_vjp(x, scale):
         if need_weights:
@@ -195,20 +247,17 @@ def _layer_bwd(spec, residuals, d_out_BxTxD):
 
     # MLP: out = mid + down(act(gate) * up)
     hidden, act_vjp = jax.vjp(lambda g, u: _ACTIVATIONS[spec.act](g) * u, gate, up)
-    d_gate, d_up = act_vjp(project_backward("down_proj", hidden, d_out_BxTxD))
+    d_gate, d_up = act_vjp(group_backward(_DOWN, hidden, [d_out_BxTxD]))
     y, mlp_norm_vjp = norm_vjp(mid_BxTxD, w.mlp_norm_LxD)
-    d_y = project_backward("gate_proj", y, d_gate) + project_backward("up_proj", y, d_up)
-    d_mid, d_mlp_norm = mlp_norm_vjp(d_y)
+    d_mid, d_mlp_norm = mlp_norm_vjp(group_backward(_GATE_UP, y, [d_gate, d_up]))
     d_mid = d_out_BxTxD + d_mid
     # Attention: mid = x + o(attention(rope(q(y)), rope(k(y)), v(y))), y = norm(x)
-    d_attn = project_backward("o_proj", attn_BxTxHHd, d_mid)
+    d_attn = group_backward(_O, attn_BxTxHHd, [d_mid])
     d_q, d_k, d_v = attention_backward(q, k, v, mask_BxTxS, attn_BxTxHHd, stats, d_attn, causal_square=True)
     rope_t = lambda d: jax.linear_transpose(lambda z: _rope(z, cos, sin), d)(d)[0]  # noqa: E731
     d_q, d_k = rope_t(d_q).reshape(b, t, -1), rope_t(d_k).reshape(b, t, -1)
     y, attn_norm_vjp = norm_vjp(x_BxTxD, w.attn_norm_LxD)
-    d_y = (project_backward("q_proj", y, d_q) + project_backward("k_proj", y, d_k)
-           + project_backward("v_proj", y, d_v.reshape(b, t, -1)))
-    d_x, d_attn_norm = attn_norm_vjp(d_y)
+    d_x, d_attn_norm = attn_norm_vjp(group_backward(_QKV, y, [d_q, d_k, d_v.reshape(b, t, -1)]))
     d_x = _constrain(d_mid + d_x, ("batch", None, None))
 
     d_w = None
@@ -287,7 +336,11 @@ def apply_model(
     distance_TxS = slots_T[:, None] - key_slots_S[None, :]
     # Without a cache each layer is one function with a hand-written backward (``_layer``); with one (or on
     # cuDNN's fused attention), the layer below, which nothing differentiates through a cache.
-    spec = _LayerSpec(h, kv, hd, cfg.rms_norm_eps, cfg.hidden_act, dropout if dropout_rng is not None else 0.0)
+    layer_dropout = dropout if dropout_rng is not None else 0.0
+    # Folding an adapter into its weight rounds its delta-W to the weight's precision: exact enough in 32 bits
+    # (the products' own rounding), not in 16.
+    merge = layer_dropout == 0.0 and jnp.dtype(dtype).itemsize >= 4
+    spec = _LayerSpec(h, kv, hd, cfg.rms_norm_eps, cfg.hidden_act, layer_dropout, merge)
     whole_layer = cache is None and not uses_fused_kernel(dtype) and not reference_backward
 
     def block(carry, layer):

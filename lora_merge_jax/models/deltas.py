@@ -53,9 +53,18 @@ class LowRankDelta:
         h_NxR = h_NxR * self.gain_R.astype(h_NxR.dtype)
         return jnp.einsum("nr,rf->nf", h_NxR, self.b_RxF.astype(h_NxR.dtype))
 
-    def backward(self, x_NxD: Array, h_NxR: Array, dy_NxF: Array, need: LowRankDelta) -> tuple[Array, LowRankDelta]:
-        """The VJP of ``up(down(x))`` at x (with ``h = down(x)``): (dx [N, D], the factors' gradients, None
-        where ``need``, a LowRankDelta of bools, is False).
+    def down_weight(self) -> Array:
+        """The matrix of ``down``: down(x) = (x @ down_weight()).reshape(-1, *rank_shape)."""
+        return self.a_DxR
+
+    @property
+    def rank_shape(self) -> tuple[int, ...]:
+        return self.a_DxR.shape[-1:]
+
+    def backward(self, x_NxD: Array, h_NxR: Array, dy_NxF: Array, need: LowRankDelta,
+                 input_grad: bool = True) -> tuple[Array | None, LowRankDelta]:
+        """The VJP of ``up(down(x))`` at x (with ``h = down(x)``): (dx [N, D] or None without ``input_grad``,
+        the factors' gradients, None where ``need``, a LowRankDelta of bools, is False).
 
         The product over the N tokens for a is taken as [R, D] and transposed: XLA's CPU backend runs the
         [D, R] form (an R-wide output) several times slower.
@@ -67,7 +76,7 @@ class LowRankDelta:
         dh_NxR = dh_NxR * gain_R
         d_a = jnp.einsum("nr,nd->rd", dh_NxR, x_NxD).T.astype(self.a_DxR.dtype) if need.a_DxR else None
         d_b = jnp.einsum("nr,nf->rf", h_NxR * gain_R, dy_NxF).astype(self.b_RxF.dtype) if need.b_RxF else None
-        dx_NxD = jnp.einsum("nr,dr->nd", dh_NxR, self.a_DxR.astype(dtype))
+        dx_NxD = jnp.einsum("nr,dr->nd", dh_NxR, self.a_DxR.astype(dtype)) if input_grad else None
         return dx_NxD, LowRankDelta(d_a, d_b, d_gain)
 
     def weight(self) -> Array:
@@ -100,7 +109,18 @@ class BlockDelta:
         y_NxnxFn = jnp.einsum("mnr,nrf->mnf", h_NxnxR, self.b_NxRxFn.astype(h_NxnxR.dtype))
         return y_NxnxFn.reshape(y_NxnxFn.shape[0], -1)
 
-    def backward(self, x_NxD: Array, h_NxnxR: Array, dy_NxF: Array, need: BlockDelta) -> tuple[Array, BlockDelta]:
+    def down_weight(self) -> Array:
+        """The matrix of ``down`` (block-diagonal [D, n*R]): down(x) = (x @ down_weight()).reshape(-1, n, R)."""
+        n, dn, r = self.a_NxDnxR.shape
+        eye_NxN = jnp.eye(n, dtype=self.a_NxDnxR.dtype)
+        return jnp.einsum("ndr,nm->ndmr", self.a_NxDnxR, eye_NxN).reshape(n * dn, n * r)
+
+    @property
+    def rank_shape(self) -> tuple[int, ...]:
+        return (self.a_NxDnxR.shape[-3], self.a_NxDnxR.shape[-1])
+
+    def backward(self, x_NxD: Array, h_NxnxR: Array, dy_NxF: Array, need: BlockDelta,
+                 input_grad: bool = True) -> tuple[Array | None, BlockDelta]:
         """As ``LowRankDelta.backward``, block by block."""
         dtype = dy_NxF.dtype
         n, dn, _ = self.a_NxDnxR.shape
@@ -114,6 +134,8 @@ class BlockDelta:
                if need.a_NxDnxR else None)
         d_b = (jnp.einsum("mnr,mnf->nrf", h_NxnxR * gain_NxR, dy_NxnxFn).astype(self.b_NxRxFn.dtype)
                if need.b_NxRxFn else None)
+        if not input_grad:
+            return None, BlockDelta(d_a, d_b, d_gain)
         dx_NxnxDn = jnp.einsum("mnr,ndr->mnd", dh_NxnxR, self.a_NxDnxR.astype(dtype))
         return dx_NxnxDn.reshape(x_NxD.shape), BlockDelta(d_a, d_b, d_gain)
 
