@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -151,6 +152,20 @@ def reference_loss(model: Model, adapter: Any, cfg: DataConfig, batch_size: int 
     return total / max(count, 1.0)
 
 
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices of the prompts, cut into batches of ``batch_size`` after sorting by length over the whole set.
+
+    A batch's prefill then pads little and most batches share a bucketed prompt length (one compile each);
+    the caller writes results back by index, so the file order of the outputs does not change.
+
+    Example:
+        >>> length_sorted_batches([30, 10, 20, 11], 2)
+        [[1, 3], [2, 0]]
+    """
+    by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [by_length[start:start + batch_size] for start in range(0, len(by_length), batch_size)]
+
+
 def evaluate(cfg: EvalConfig, log=print, progress: bool = True) -> dict[str, Any]:
     """Runs every adapter of ``cfg`` and writes predictions, ``scores.json`` and ``report.md``.
 
@@ -175,14 +190,11 @@ def evaluate(cfg: EvalConfig, log=print, progress: bool = True) -> dict[str, Any
     log(f"data: {stats}")
     out.mkdir(parents=True, exist_ok=True)
     g = cfg.generation
-    # Prompts are decoded in batches of similar length (sorted over the whole set), so that a batch's prefill
-    # pads little; predictions are written back in file order.
-    by_length = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
+    batches = length_sorted_batches([len(e.prompt_ids) for e in examples], g.batch_size)
     results: dict[str, Any] = {}
     for name, adapter in adapters.items():
         predictions = [""] * len(examples)
-        for start in tqdm(range(0, len(examples), g.batch_size), desc=f"eval {name}", disable=not progress):
-            rows = by_length[start:start + g.batch_size]
+        for rows in tqdm(batches, desc=f"eval {name}", disable=not progress):
             tokens = generate.generate(
                 model, [examples[i].prompt_ids for i in rows], adapter, max_new_tokens=g.max_new_tokens,
                 method=g.method, num_beams=g.num_beams, length_penalty=g.length_penalty, temperature=g.temperature,
@@ -198,8 +210,9 @@ def evaluate(cfg: EvalConfig, log=print, progress: bool = True) -> dict[str, Any
         lines = [json.dumps({"source": e.source, "prediction": p, "references": list(e.references)},
                             ensure_ascii=False) for e, p in zip(examples, predictions)]
         write_text_atomic(out / f"predictions_{name}.jsonl", "\n".join(lines) + "\n")
+        ref_loss = f" ref-loss {scores['reference_loss']:.4f}" if "reference_loss" in scores else ""
         log(f"{name}: ROUGE-1 {scores['rouge1']:.2f} ROUGE-2 {scores['rouge2']:.2f} ROUGE-L {scores['rougeL']:.2f} "
-            f"BLEU {scores['bleu']:.2f}" + (f" ref-loss {scores['reference_loss']:.4f}" if 'reference_loss' in scores else ""))
+            f"BLEU {scores['bleu']:.2f}{ref_loss}")
     write_text_atomic(out / "scores.json", json.dumps(results, indent=2, ensure_ascii=False))
     write_text_atomic(out / "report.md", markdown_report(results, cfg))
     return results
