@@ -121,7 +121,7 @@ def peft_epoch(gguf: Path, data: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         print(f"  peft: step {step + 1}/{steps} loss {losses[-1]:.4f} ({time.perf_counter() - loop_start:.0f} s)",
               flush=True)
     end = time.perf_counter()

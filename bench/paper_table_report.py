@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 SECTION = "## Paper table (issue 9)"
+REAL_SECTION = "## Paper table on a real LLM: SmolLM2-135M-Instruct (issue 19)"
 ALL_METHODS = ("base", "lora", "melora", "static_exact", "static_linear", "static_ties", "static_dare_ties",
                "lorahub", "coef_only", "merge_noprune", "merge_prune", "merge_prune_magnitude",
                "merge_prune_component", "merge_prune_global", "merge_prune_layer")
 METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "reference_loss")
 LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU",
           "reference_loss": "ref. loss"}
-TARGET_NAMES = {"xscitldr_ja": "X-SciTLDR ja->ja", "mts_dialog": "MTS-Dialog"}
+TARGET_NAMES = {"xscitldr_ja": "X-SciTLDR ja->ja", "mts_dialog": "MTS-Dialog", "scitldr": "SciTLDR"}
 
 
 def row_name(setting: str, method: str) -> str:
@@ -131,59 +132,104 @@ def pruning_choice(summary: dict, ns: tuple[int, ...]) -> list[str]:
     return [f"- {k}: mean reference loss {m:.4f} over {c} (target, setting, N) cells" for m, k, c in ranked]
 
 
-def write_report(out: Path, preset: Any, size: str, machine: dict, units: list, wall_seconds: float,
-                 notes: list[str]) -> dict[str, Any]:
-    """Writes ``results.json`` and ``table.md`` in ``out`` from the finished units; returns the summary."""
-    records = []
-    for unit in units:
-        file = unit.directory(out) / "result.json"
-        if file.exists():
-            records.append(json.loads(file.read_text()))
+def _read_json(file: Path) -> dict[str, Any]:
+    return json.loads(file.read_text(encoding="utf-8"))
+
+
+def write_report(out: Path, preset: Any, size: str, machine: dict, units: list, records: list[dict],
+                 wall_seconds: float, notes: list[str], tag: str | None = None,
+                 sources: dict[str, tuple[str, ...]] | None = None, mirror: Path | None = None) -> dict[str, Any]:
+    """Writes ``results.json`` and ``table.md`` in ``out`` from the finished units' records; returns the summary.
+
+    Args:
+        records: the finished units' records (from their run directories or the mirror).
+        tag: the evaluation split's name when it is not the targets' development split (``--eval-file``): the
+            files are then ``results_<tag>.json`` and ``table_<tag>.md``.
+        sources: target -> source tasks, for the report's text.
+        mirror: the folder of mirrored records; the base model's and the sources' records are read from it when
+            ``out`` lacks them (a lost ``runs/``).
+    """
     ns, seeds = tuple(preset.ns), len(preset.seeds)
     summary = summarise(records, ns)
     base_info_file = out / "base" / "DONE.json"
-    base_info = json.loads(base_info_file.read_text()) if base_info_file.exists() else {}
+    if not base_info_file.exists() and mirror is not None:
+        base_info_file = mirror / "base_model.json"
+    base_info = _read_json(base_info_file) if base_info_file.exists() else {}
+    source_files = {f.parent.parent.name + "/" + f.parent.name: f for f in out.glob("sources/*/*/DONE.json")}
+    if mirror is not None:
+        for f in mirror.glob("source__*.json"):
+            source_files.setdefault("/".join(f.stem.split("__")[1:3]), f)
+    starts = sorted(r["finished"] for r in records if "finished" in r)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "size": size, "machine": machine,
             "preset": dataclasses.asdict(preset), "base_model": base_info, "wall_seconds": wall_seconds,
-            "units_done": len(records), "units_planned": len(units), "notes": notes,
+            "units_done": len(records), "units_planned": len(units), "notes": notes, "eval_split": tag,
+            "sources": {t: list(s) for t, s in (sources or {}).items() if t in preset.targets},
+            "first_finished": starts[0] if starts else None, "last_finished": starts[-1] if starts else None,
             "seconds": {"base": base_info.get("seconds", 0.0),
-                        "sources": sum(json.loads(f.read_text())["seconds"] for f in out.glob("sources/*/*/DONE.json")),
-                        "units": sum(r["train_seconds"] + r["eval_seconds"] for r in records)}}
+                        "sources": sum(_read_json(f)["seconds"] for f in source_files.values()),
+                        "units": sum(r.get("train_seconds", 0.0) + r.get("build_seconds", 0.0) + r["eval_seconds"]
+                                     for r in records)}}
     lean = [{k: v for k, v in r.items() if k != "scores"} | {"scores": {m: r["scores"][m] for m in METRICS}}
             for r in records]
     results = {"meta": meta, "summary": {t: {row: {str(n): c for n, c in cells.items()} for row, cells in rows.items()}
                                          for t, rows in summary.items()}, "units": lean}
-    _atomic(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False))
-    _atomic(out / "table.md", "\n".join(markdown(meta, summary, ns, seeds)) + "\n")
+    suffix = "" if tag is None else f"_{tag}"
+    _atomic(out / f"results{suffix}.json", json.dumps(results, indent=2, ensure_ascii=False))
+    _atomic(out / f"table{suffix}.md", "\n".join(markdown(meta, summary, ns, seeds)) + "\n")
     return results
 
 
 def markdown(meta: dict, summary: dict, ns: tuple[int, ...], seeds: int) -> list[str]:
     p, b, m, t = meta["preset"], meta["base_model"], meta["machine"], meta["seconds"]
+    real = p.get("base_model") is not None
+    partial = meta["units_done"] < meta["units_planned"]
+    cores = f"{m['cores']} cores" + (f", {m['cores_used']} used" if m.get("cores_used", m["cores"]) != m["cores"]
+                                      else "")
+    span = (f" Units finished between {meta['first_finished']} and {meta['last_finished']}."
+            if meta.get("first_finished") else "")
+    if real:
+        base_line = (f"- Base model: {b.get('model_file', '?')} (SHA-256 {b.get('sha256', '?')}), used as it is "
+                     "(no pretraining here), dequantized to float32; prompts are the user turn of its chat template "
+                     "and summaries its assistant turn, so the zero-shot base is prompted as it was tuned.")
+    else:
+        base_line = (f"- Base model: Llama architecture pretrained from scratch here, hidden {p['hidden']}, "
+                     f"{p['layers']} layers, {p['heads']} heads ({p['kv_heads']} KV), FFW {p['ffw']}, byte-level BPE "
+                     f"vocabulary {p['vocab_size']}"
+                     + (f"; {b.get('parameters', 0):,} parameters, {b.get('pretrain_tokens', 0):,} pretraining tokens "
+                        f"({p['pretrain_steps']} steps), LM loss {b.get('first_loss', 0):.2f} -> "
+                        f"{b.get('final_loss', 0):.2f} in {b.get('pretrain_seconds', 0) / 60:.1f} min" if b else "")
+                     + ".")
+    split = ("the first" if p["max_eval_examples"] else "all") + (
+        f" {p['max_eval_examples']}" if p["max_eval_examples"] else "") + (
+        " examples of each development split" if meta.get("eval_split") is None
+        else f" examples of `{meta['eval_split']}` (--eval-file, not the development split)")
     lines = [
-        f"Generated by `python bench/paper_table.py --size {meta['size']}` on {meta['date']}; machine: {m['cpu']}, "
-        f"{m['cores']} cores ({m['jax_devices']}), JAX {m['jax']}. Time: base model {t['base'] / 60:.1f} min, source "
+        *([f"**Partial grid: {meta['units_done']} of {meta['units_planned']} planned units done.**", ""]
+          if partial else []),
+        (f"Generated by `python bench/paper_table.py --size {meta['size']}` on {meta['date']}; machine: {m['cpu']}, "
+        f"{cores} ({m['jax_devices']}), JAX {m['jax']}. Time: base model {t['base'] / 60:.1f} min, source "
         f"adapters {t['sources'] / 60:.1f} min, units {t['units'] / 60:.1f} min (wall time of the last invocation "
-        f"{meta['wall_seconds'] / 60:.1f} min); {meta['units_done']} of {meta['units_planned']} planned units finished.",
+        f"{meta['wall_seconds'] / 60:.1f} min); {meta['units_done']} of {meta['units_planned']} planned units "
+        f"finished.{span}"),
         "",
-        f"- Base model: Llama architecture pretrained from scratch here, hidden {p['hidden']}, {p['layers']} layers, "
-        f"{p['heads']} heads ({p['kv_heads']} KV), FFW {p['ffw']}, byte-level BPE vocabulary {p['vocab_size']}"
-        + (f"; {b.get('parameters', 0):,} parameters, {b.get('pretrain_tokens', 0):,} pretraining tokens "
-           f"({p['pretrain_steps']} steps), LM loss {b.get('first_loss', 0):.2f} -> {b.get('final_loss', 0):.2f} "
-           f"in {b.get('pretrain_seconds', 0) / 60:.1f} min" if b else "") + ".",
-        f"- Adapters: rank {p['rank']} on all 7 projections (MELoRA: {p['melora_blocks']} blocks); sources trained "
+        base_line,
+        *(["- Sources: " + "; ".join(f"{TARGET_NAMES.get(tg, tg)} merges {', '.join(s)}"
+                                      for tg, s in meta["sources"].items())
+           + " (title generation: SciTLDR train abstracts -> titles). No source sees a target's dev split."]
+          if meta.get("sources") else []),
+        (f"- Adapters: rank {p['rank']} on all 7 projections (MELoRA: {p['melora_blocks']} blocks); sources trained "
         f"{p['source_steps']} steps on their full train split; every target method {p['target_steps']} steps of "
         f"batch {p['batch_size']} (the same budget), examples cut to {p['max_length']} tokens, summaries to "
         f"{p['max_target_length']}. Merges: task_layer coefficients; pruning to 50% (defaults unless named). "
         f"LoraHub: {p['lorahub_budget']} evaluations of the loss on "
-        f"{'all N' if p['lorahub_max_examples'] is None else 'at most ' + str(p['lorahub_max_examples'])} examples. Static merges: weights 1/K, density 0.5.",
-        f"- Evaluation: the first {p['max_eval_examples']} examples of each development split, greedy decoding "
+        f"{'all N' if p['lorahub_max_examples'] is None else 'at most ' + str(p['lorahub_max_examples'])} examples. Static merges: weights 1/K, density 0.5."),
+        (f"- Evaluation: {split}, greedy decoding "
         f"of up to {p['max_target_length']} tokens; ROUGE F1 (MeCab for Japanese), sacreBLEU, and the mean "
-        "per-token NLL of the first reference summary (ref. loss, lower is better).",
-        f"- Grid: seeds {p['seeds']}, N {p['ns']}, targets {list(p['targets'])}, source settings "
+        "per-token NLL of the first reference summary (ref. loss, lower is better)."),
+        (f"- Grid: seeds {p['seeds']}, N {p['ns']}, targets {list(p['targets'])}, source settings "
         f"{list(p['settings'])}, methods {list(p['methods']) if p['methods'] else 'all'}. Cells: mean ± std over "
         f"seeds (run count in brackets when it differs from {seeds}); base and static merges see no target data "
-        "and repeat under every N (static_dare_ties varies with the seed).",
+        "and repeat under every N (static_dare_ties varies with the seed)."),
         *[f"- Note: {n}" for n in meta["notes"]],
     ]
     for target, rows in summary.items():
@@ -210,7 +256,9 @@ def _atomic(path: Path, text: str) -> None:
 
 
 def section_title(size: str) -> str:
-    """The RESULTS.md heading of one size's table: the cpu study is the main one, other sizes get their own."""
+    """The RESULTS.md heading of one size's table: cpu and real are the main ones, other sizes get their own."""
+    if size.startswith("real"):
+        return REAL_SECTION if size == "real" else f"{REAL_SECTION}, size {size}"
     return SECTION if size == "cpu" else f"{SECTION}, size {size}"
 
 
