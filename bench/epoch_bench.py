@@ -51,11 +51,11 @@ def ours(gguf: Path, data: dict, out: Path) -> dict:
     from lora_merge_jax.data.batching import TrainIterator
     from lora_merge_jax.data.prompts import build_train_examples, pad_token_id
     from lora_merge_jax.data.records import DataConfig
-    from lora_merge_jax.io.hf import load_pretrained
+    from lora_merge_jax.io.gguf import gguf_tokenizer
     from lora_merge_jax.training.config import TrainConfig
     from lora_merge_jax.training.loop import train
 
-    tokenizer = load_pretrained(gguf).tokenizer
+    tokenizer = gguf_tokenizer(gguf)  # the rows' sizes only: no need to load and dequantize the weights here
     examples, _ = build_train_examples(DataConfig(**data), tokenizer)
     iterator = TrainIterator(examples, DataConfig(**data), pad_token_id(tokenizer))
     steps = iterator.steps_in_epoch(0)
