@@ -127,12 +127,15 @@ def test_lora_follows_base_sharding_and_eight_devices_match_one(llama_checkpoint
     placed = common.place(adapter, many.config, many.mesh)
     loaded = peft_io.load_peft_adapter(tmp_path, many)
     assert loaded.dropout == 0.05
+    # A factor's embed side is split as the base weight's (fsdp); its heads/ffw side, which the base splits over
+    # tensor only, over tensor and fsdp, so that no device holds a whole factor; the rank is replicated.
+    adapter_side = lambda base_axis: ("tensor", "fsdp") if base_axis == "tensor" else base_axis  # noqa: E731
     for sharded in (placed, loaded):
         for proj in PROJECTIONS:
             base = _spec(many.weights.layers.proj[proj])  # (layers, in, out), e.g. (None, fsdp, tensor) for q_proj
             a, b = sharded.a[proj], sharded.b[proj]
-            assert _spec(a) == (None, base[1], None), proj  # A [L, in, R]: in as the base weight, rank replicated
-            assert _spec(b) == (None, None, base[2]), proj  # B [L, R, out]: out as the base weight
+            assert _spec(a) == (None, adapter_side(base[1]), None), proj  # A [L, in, R]
+            assert _spec(b) == (None, None, adapter_side(base[2])), proj  # B [L, R, out]
             assert len(a.sharding.device_set) == len(b.sharding.device_set) == 8
     assert _spec(many.weights.layers.proj["o_proj"])[1:] == ("tensor", "fsdp")  # the check above is not vacuous
     # Exporting the sharded adapter gathers it and writes the very same tensors.

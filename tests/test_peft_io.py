@@ -353,3 +353,17 @@ def test_save_refuses_a_file_path_and_an_empty_adapter(tiny, tmp_path, rng):
     empty = dataclasses.replace(adapter, scale={p: jnp.zeros_like(s) for p, s in adapter.scale.items()})
     with pytest.raises(ValueError, match="every scale is 0"):
         peft_export.save_peft_adapter(empty, tmp_path / "empty", model)
+
+
+def test_read_gives_host_arrays_equal_to_the_loaded_adapter(tiny, tmp_path, rng):
+    # read_peft_adapter is what a multi-process merge combines on the host before one placement: plain numpy,
+    # the same values, scales and dropout as load_peft_adapter's placed arrays.
+    model = tiny("llama3")
+    adapter = _with_random_b(lmj.init_lora(model.config, jax.random.key(int(rng.integers(1 << 30))), rank=4,
+                                           target_modules=["q_proj", "down_proj"], dropout=0.1), rng)
+    peft_export.save_peft_adapter(adapter, tmp_path, model)
+    read, loaded = peft_io.read_peft_adapter(tmp_path, model.config), peft_io.load_peft_adapter(tmp_path, model)
+    assert read.dropout == loaded.dropout == 0.1
+    for leaf_read, leaf_loaded in zip(jax.tree.leaves(read), jax.tree.leaves(loaded), strict=True):
+        assert type(leaf_read) is np.ndarray and isinstance(leaf_loaded, jax.Array)
+        np.testing.assert_array_equal(leaf_read, np.asarray(leaf_loaded))

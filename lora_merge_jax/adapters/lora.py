@@ -20,7 +20,7 @@ from flax import struct
 from lora_merge_jax.adapters import targets
 from lora_merge_jax.models.config import ModelConfig
 from lora_merge_jax.models.deltas import LowRankDelta
-from lora_merge_jax.models.weights import PROJ_AXES
+from lora_merge_jax.models.weights import ADAPTER_AXES
 
 Array = jax.Array
 
@@ -54,8 +54,8 @@ class LoraAdapter:
     def logical_axes(self, cfg: ModelConfig) -> LoraAdapter:
         """The logical axes of every leaf: factors follow their base weight's input and output axes."""
         return LoraAdapter(
-            a={n: ("layers", PROJ_AXES[n][0], "lora_rank") for n in self.a},
-            b={n: ("layers", "lora_rank", PROJ_AXES[n][1]) for n in self.b},
+            a={n: ("layers", ADAPTER_AXES[n][0], "lora_rank") for n in self.a},
+            b={n: ("layers", "lora_rank", ADAPTER_AXES[n][1]) for n in self.b},
             scale={n: ("layers",) for n in self.scale},
             dropout=self.dropout,
         )

@@ -181,7 +181,17 @@ def load_peft_adapter(path: str | os.PathLike, model: Model) -> LoraAdapter:
         >>> adapter = load_peft_adapter("adapters/summarise", model)
         >>> logits = forward(model, ids, adapter=adapter)
     """
-    directory, cfg = Path(path), model.config
+    return common.place(read_peft_adapter(path, model.config), model.config, model.mesh)
+
+
+def read_peft_adapter(path: str | os.PathLike, cfg: ModelConfig) -> LoraAdapter:
+    """``load_peft_adapter`` without the placement: every factor a host numpy array.
+
+    For adapters that are combined before use (the task LoRAs of a merge): on a multi-process mesh every
+    operation on placed arrays is a collective program that all processes must run in step, so a combination
+    is computed on the host and placed once.
+    """
+    directory = Path(path)
     conf = _read_config(directory)
     conf_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not weights_file.is_file():
@@ -219,8 +229,7 @@ def load_peft_adapter(path: str | os.PathLike, model: Model) -> LoraAdapter:
             module_alpha = float(targets.pattern_value(conf.get("alpha_pattern"), module, alpha))
             scale_L[i] = lora_scale(module_alpha, rank, rslora)
         a[proj], b[proj], scale[proj] = a_LxDxR, b_LxRxF, scale_L
-    adapter = LoraAdapter(a, b, scale, float(conf.get("lora_dropout", 0.0)))
-    return common.place(adapter, cfg, model.mesh)
+    return LoraAdapter(a, b, scale, float(conf.get("lora_dropout", 0.0)))
 
 
 def adapter_dir(path: str | os.PathLike) -> Path:

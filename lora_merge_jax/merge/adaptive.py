@@ -31,7 +31,7 @@ from flax import struct
 from lora_merge_jax.adapters.lora import LoraAdapter
 from lora_merge_jax.models.config import ModelConfig
 from lora_merge_jax.models.deltas import LowRankDelta
-from lora_merge_jax.models.weights import PROJ_AXES
+from lora_merge_jax.models.weights import ADAPTER_AXES
 
 Array = jax.Array
 Granularity = Literal["task", "task_layer", "task_module"]
@@ -85,8 +85,8 @@ class MergedLoraAdapter:
         return out
 
     def logical_axes(self, cfg: ModelConfig) -> MergedLoraAdapter:
-        a_axes = {n: ("layers", PROJ_AXES[n][0], "lora_rank") for n in self.a}
-        b_axes = {n: ("layers", "lora_rank", PROJ_AXES[n][1]) for n in self.b}
+        a_axes = {n: ("layers", ADAPTER_AXES[n][0], "lora_rank") for n in self.a}
+        b_axes = {n: ("layers", "lora_rank", ADAPTER_AXES[n][1]) for n in self.b}
         if isinstance(self.coefficients, dict):
             c_axes: Any = {n: ("layers", "task") for n in self.coefficients}
         else:

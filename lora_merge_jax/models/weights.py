@@ -68,6 +68,10 @@ PROJ_AXES = {
     "up_proj": ("embed", "ffw"),
     "down_proj": ("ffw", "embed"),
 }
+# The same for an adapter's factors (a: [D, R], b: [R, F]): the side that is not ``embed`` has its own name,
+# sharded over fsdp too (see sharding.SHARDING_RULES).
+ADAPTER_AXES = {name: tuple(a if a == "embed" else "adapter_features" for a in axes)
+                for name, axes in PROJ_AXES.items()}
 
 
 def describe(cfg: ModelConfig) -> Weights:

@@ -144,11 +144,12 @@ def build_adapter(cfg: TrainConfig, model: Model) -> Any:
     """The adapter at step 0, placed on the model's mesh."""
     a, key = cfg.adapter, train_step.run_keys(cfg.train.seed)["init"]
     if a.kind == "merge":
-        tasks = [peft_io.load_peft_adapter(adapter_dir(p), model) for p in cfg.merge.task_adapters]
+        # Host copies, merged on the host and placed once below (see peft_io.read_peft_adapter).
+        tasks = [peft_io.read_peft_adapter(adapter_dir(p), model.config) for p in cfg.merge.task_adapters]
         adapter = adaptive.merge_for_training(tasks, cfg.merge.granularity, cfg.merge.init_coefficients, a.dropout,
                                               model.config.num_hidden_layers)
     elif a.init_from is not None:
-        adapter = peft_io.load_peft_adapter(adapter_dir(a.init_from), model)
+        adapter = peft_io.read_peft_adapter(adapter_dir(a.init_from), model.config)
         adapter = adapter.replace(dropout=a.dropout) if hasattr(adapter, "replace") else adapter
     elif a.kind == "melora":
         adapter = init_melora(model.config, key, a.num_blocks, a.rank, a.alpha, a.target_modules, a.layers, a.dropout)
