@@ -140,6 +140,42 @@ def test_cached_decode_equals_full_forward(llama_checkpoint):
         assert tokens == np.argmax(logits_NxV, axis=-1).tolist()
 
 
+def test_unstacked_decode_steps_equal_the_stacked_scan(llama_checkpoint, rng):
+    # CPU decodes over per-layer copies with the adapter folded in (decoder.decode_unstacked); GPUs and TPUs keep
+    # the stacked scan with the adapter's own products. Both from the same prefill, with a sliding window on
+    # layer 0: the same hidden states, to float32 rounding of the folded weights (1e-5 relative).
+    from lora_merge_jax.models import decoder
+    from lora_merge_jax.models import weights as weights_lib
+
+    model = lmj.load_pretrained(llama_checkpoint)
+    cfg = dataclasses.replace(model.config, sliding_windows=(3,) + (0,) * (model.config.num_hidden_layers - 1))
+    deltas = _random_lora(cfg).deltas(cfg)
+    b, p, steps = 3, 6, 4
+    ids_BxP = jnp.asarray(rng.integers(3, 128, (b, p)), jnp.int32)
+    cache = weights_lib.init_cache(cfg, b, p + steps, jnp.float32)
+    mask_BxS = jnp.zeros((b, p + steps), jnp.int32).at[:, :p].set(1)
+    _, cache = decoder.apply_model(cfg, model.weights, ids_BxP, deltas=deltas, attention_mask_BxS=mask_BxS,
+                                   cache=cache, return_hidden=True)
+    layers, caches = decoder.unstack_layers(model.weights, deltas, fold=True), decoder.unstack_cache(cache)
+    for step in range(steps):
+        slot = p + step
+        mask_BxS = mask_BxS.at[:, slot].set(1)
+        token_Bx1 = jnp.asarray(rng.integers(3, 128, (b, 1)), jnp.int32)
+        positions_Bx1 = jnp.full((b, 1), slot)
+        stacked, cache = decoder.apply_model(cfg, model.weights, token_Bx1, deltas=deltas, attention_mask_BxS=mask_BxS,
+                                             positions_BxT=positions_Bx1, cache=cache, cache_index=slot,
+                                             return_hidden=True)
+        unstacked, caches = decoder.decode_unstacked(cfg, model.weights, layers, token_Bx1, caches, slot, mask_BxS,
+                                                     positions_Bx1)
+        np.testing.assert_allclose(np.asarray(unstacked), np.asarray(stacked), rtol=1e-5, atol=1e-5,
+                                   err_msg=f"decode step {step}")
+    for layer, (k_BxKxSxHd, v_BxKxSxHd) in enumerate(caches):
+        np.testing.assert_allclose(np.asarray(k_BxKxSxHd), np.asarray(cache.k_LxBxSxKxHd[layer]).transpose(0, 2, 1, 3),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(v_BxKxSxHd), np.asarray(cache.v_LxBxSxKxHd[layer]).transpose(0, 2, 1, 3),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_prompts_in_one_bucket_compile_once(sharp_llama):
     _, model, _ = sharp_llama
     kwargs = dict(max_new_tokens=NEW_TOKENS, prompt_bucket=16)

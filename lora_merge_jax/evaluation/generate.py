@@ -153,14 +153,37 @@ def _prefill(cfg: ModelConfig, weights: weights_lib.Weights, deltas: Any, ids_Bx
     return logits_BxV, cache, mask_BxS, jnp.sum(mask_BxP, axis=1)
 
 
-def _decode_one(cfg: ModelConfig, weights: weights_lib.Weights, deltas: Any, tokens_R: Array, cache: Any,
+def _for_decoding(weights: weights_lib.Weights, deltas: Any, cache: weights_lib.KVCache,
+                  compute_dtype: Any) -> tuple[Any, Any]:
+    """The layers and cache in the form the decode loop reads them: on CPU, every layer's weights (adapter
+    folded in for 32-bit compute) and cache as separate arrays, copied once here
+    (``decoder.unstack_layers``), at the price of a second copy of the weights while generating; elsewhere
+    the stacked ones and ``deltas``."""
+    if jax.default_backend() != "cpu":
+        return deltas, cache
+    fold = jnp.dtype(compute_dtype or weights.embed_VxD.dtype).itemsize >= 4
+    return decoder.unstack_layers(weights, deltas, fold), decoder.unstack_cache(cache)
+
+
+def _take_rows(cache: Any, rows_R: Array) -> Any:
+    """The cache's batch rows ``rows_R`` (beam reordering), stacked [L, B, ...] or per layer [B, ...]."""
+    axis = 1 if isinstance(cache, weights_lib.KVCache) else 0
+    return jax.tree.map(lambda x: jnp.take(x, rows_R, axis=axis), cache)
+
+
+def _decode_one(cfg: ModelConfig, weights: weights_lib.Weights, layers: Any, tokens_R: Array, cache: Any,
                 mask_RxS: Array, slot: Array, positions_R: Array, compute_dtype: Any) -> tuple[Array, Any, Array]:
-    """Feeds one token per row at cache ``slot``; returns its logits [R, V], the cache and the slot mask."""
+    """Feeds one token per row at cache ``slot``; returns its logits [R, V], the cache and the slot mask.
+    ``layers`` and ``cache`` come from ``_for_decoding``."""
     mask_RxS = jax.lax.dynamic_update_slice_in_dim(mask_RxS, jnp.ones((mask_RxS.shape[0], 1), jnp.int32), slot, 1)
-    hidden_Rx1xD, cache = decoder.apply_model(
-        cfg, weights, tokens_R[:, None], deltas=deltas, attention_mask_BxS=mask_RxS,
-        positions_BxT=positions_R[:, None], cache=cache, cache_index=slot, compute_dtype=compute_dtype,
-        return_hidden=True)
+    if isinstance(layers, decoder.UnstackedLayers):
+        hidden_Rx1xD, cache = decoder.decode_unstacked(cfg, weights, layers, tokens_R[:, None], cache, slot,
+                                                       mask_RxS, positions_R[:, None], compute_dtype)
+    else:
+        hidden_Rx1xD, cache = decoder.apply_model(
+            cfg, weights, tokens_R[:, None], deltas=layers, attention_mask_BxS=mask_RxS,
+            positions_BxT=positions_R[:, None], cache=cache, cache_index=slot, compute_dtype=compute_dtype,
+            return_hidden=True)
     return _step_logits(weights, hidden_Rx1xD[:, 0]), cache, mask_RxS
 
 
@@ -185,6 +208,7 @@ def _sample_loop(cfg, s, d, compute_dtype, cache_shardings, weights, adapter, id
     n = s.max_new_tokens
     logits_BxV, cache, mask_BxS, next_pos_B = _prefill(cfg, weights, deltas, ids_BxP, mask_BxP, p + n,
                                                        compute_dtype, cache_shardings[0])
+    layers, cache = _for_decoding(weights, deltas, cache, compute_dtype)
 
     def select(carry, logits_BxV, step):
         tokens_BxN, scores_BxNxV, done_B, key = carry
@@ -213,7 +237,7 @@ def _sample_loop(cfg, s, d, compute_dtype, cache_shardings, weights, adapter, id
     def body(state):
         step, cache, mask_BxS, carry = state
         last_B = jax.lax.dynamic_index_in_dim(carry[0], step - 1, 1, keepdims=False)
-        logits_BxV, cache, mask_BxS = _decode_one(cfg, weights, deltas, last_B, cache, mask_BxS, p + step - 1,
+        logits_BxV, cache, mask_BxS = _decode_one(cfg, weights, layers, last_B, cache, mask_BxS, p + step - 1,
                                                   next_pos_B + step - 1, compute_dtype)
         return step + 1, cache, mask_BxS, select(carry, logits_BxV, step)
 
@@ -277,6 +301,7 @@ def _beam_loop(cfg, s, d, compute_dtype, cache_shardings, weights, adapter, ids_
     # Every beam of a prompt starts from the same prefix; rows are prompt-major: row = prompt * nb + beam.
     cache = jax.lax.with_sharding_constraint(jax.tree.map(lambda x: jnp.repeat(x, nb, axis=1), cache),
                                              cache_shardings[1])
+    layers, cache = _for_decoding(weights, deltas, cache, compute_dtype)
     mask_RxS, next_pos_R = jnp.repeat(mask_BxS, nb, axis=0), jnp.repeat(next_pos_B, nb, axis=0)
     tokens_BxNBxN = jnp.full((b, nb, n), d.pad_token_id, jnp.int32)
     beams = _Beams(
@@ -297,9 +322,9 @@ def _beam_loop(cfg, s, d, compute_dtype, cache_shardings, weights, adapter, ids_
 
     def body(state):
         step, cache, mask_RxS, beams, src_R = state
-        cache = jax.tree.map(lambda x: jnp.take(x, src_R, axis=1), cache)
+        cache = _take_rows(cache, src_R)
         last_R = jax.lax.dynamic_index_in_dim(beams.run_tokens_BxNBxN, step - 1, 2, keepdims=False).reshape(-1)
-        logits_RxV, cache, mask_RxS = _decode_one(cfg, weights, deltas, last_R, cache, mask_RxS, p + step - 1,
+        logits_RxV, cache, mask_RxS = _decode_one(cfg, weights, layers, last_R, cache, mask_RxS, p + step - 1,
                                                   next_pos_R + step - 1, compute_dtype)
         beams, src_R = _beam_select(beams, logits_RxV, step, s, d)
         return step + 1, cache, mask_RxS, beams, src_R

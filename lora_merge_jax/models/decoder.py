@@ -21,7 +21,13 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from lora_merge_jax import sharding
-from lora_merge_jax.models.attention import attention, attention_backward, attention_forward, uses_fused_kernel
+from lora_merge_jax.models.attention import (
+    attention,
+    attention_backward,
+    attention_forward,
+    attention_head_major,
+    uses_fused_kernel,
+)
 from lora_merge_jax.models.config import PROJECTIONS, ModelConfig
 from lora_merge_jax.models.deltas import Delta, _dropout, tokens_first
 from lora_merge_jax.models.weights import KVCache, LayerWeights, Weights
@@ -270,6 +276,81 @@ def _layer_bwd(spec, residuals, d_out_BxTxD):
 _layer.defvjp(_layer_fwd, _layer_bwd, symbolic_zeros=True)
 
 
+def _cached_layer(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dict[str, Delta], rng: Array | None,
+                  window: Array | int, base_mask_BxTxS: Array, distance_TxS: Array, cos: Array, sin: Array,
+                  cache_kv: tuple[Array, Array] | None, cache_index: Array | int, layer_index: Array | None
+                  ) -> tuple[Array, tuple[Array, Array] | None]:
+    """One decoder layer that nothing differentiates through a hand-written backward: with a cache, or on
+    cuDNN's fused attention. The new keys/values go into ``cache_kv`` at slots [cache_index, cache_index + T):
+    the whole stacked [L, B, S, K, Hd] cache at ``layer_index``, or this layer's own head-major [B, K, S, Hd]
+    cache when ``layer_index`` is None (``decode_unstacked``)."""
+    b, t, _ = x_BxTxD.shape
+    h, kv, hd = spec.heads, spec.kv_heads, spec.head_dim
+    mask_BxTxS = base_mask_BxTxS & ((window == 0) | (distance_TxS < window))[None]
+    project = functools.partial(_project, w=w, deltas=deltas, dropout=spec.dropout, rng=rng)
+    y = _rms_norm(x_BxTxD, w.attn_norm_LxD, spec.eps)
+    q = project("q_proj", y)[0].reshape(b, t, h, hd)
+    k = project("k_proj", y)[0].reshape(b, t, kv, hd)
+    v = project("v_proj", y)[0].reshape(b, t, kv, hd)
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    if cache_kv is not None:
+        k_cache, v_cache = cache_kv
+        if layer_index is None:  # this layer's head-major [B, K, S, Hd] cache (``unstack_cache``)
+            start = (0, 0, cache_index, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
+            attn_BxTxHHd = attention_head_major(q, k_cache.astype(x_BxTxD.dtype), v_cache.astype(x_BxTxD.dtype),
+                                                mask_BxTxS)
+            cache_kv = (k_cache, v_cache)
+        else:
+            # The whole [L, B, S, K, Hd] cache is the scan's carry, written in place at this layer's
+            # slots; passing per-layer slices as xs/ys instead copies the full cache several times a step.
+            start = (layer_index, 0, cache_index, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], start)
+            k = jax.lax.dynamic_index_in_dim(k_cache, layer_index, 0, keepdims=False).astype(x_BxTxD.dtype)
+            v = jax.lax.dynamic_index_in_dim(v_cache, layer_index, 0, keepdims=False).astype(x_BxTxD.dtype)
+            cache_kv = (k_cache, v_cache)
+            attn_BxTxHHd = attention(q, k, v, mask_BxTxS, causal_square=False)
+    else:
+        attn_BxTxHHd = attention(q, k, v, mask_BxTxS, causal_square=True)
+    x_BxTxD = x_BxTxD + project("o_proj", attn_BxTxHHd)[0]
+
+    y = _rms_norm(x_BxTxD, w.mlp_norm_LxD, spec.eps)
+    gate = _ACTIVATIONS[spec.act](project("gate_proj", y)[0])
+    up = project("up_proj", y)[0]
+    x_BxTxD = x_BxTxD + project("down_proj", gate * up)[0]
+    return x_BxTxD, cache_kv
+
+
+def _prepare(cfg: ModelConfig, weights: Weights, input_ids_BxT: Array, s: int, cached: bool,
+             cache_index: Array | int, attention_mask_BxS: Array | None, positions_BxT: Array | None,
+             segment_ids_BxT: Array | None, compute_dtype: Any, dropout: float
+             ) -> tuple[Array, _LayerSpec, tuple[Array, Array, Array, Array]]:
+    """What every layer shares: the embedded tokens [B, T, D], the layer spec, and (base mask [B, T, S], query
+    - key slot distances [T, S], rotary cos, sin). ``s``: the key length (the cache's slots, or T)."""
+    b, t = input_ids_BxT.shape
+    dtype = compute_dtype or weights.embed_VxD.dtype
+    slots_T = cache_index + jnp.arange(t)
+    if positions_BxT is None:
+        positions_BxT = jnp.broadcast_to(slots_T, (b, t))
+    key_slots_S = jnp.arange(s) if cached else slots_T
+    valid_BxS = jnp.ones((b, s), bool) if attention_mask_BxS is None else attention_mask_BxS.astype(bool)
+    causal_TxS = key_slots_S[None, :] <= slots_T[:, None]
+    base_mask_BxTxS = causal_TxS[None] & valid_BxS[:, None, :]
+    if segment_ids_BxT is not None:  # packed examples never see each other
+        base_mask_BxTxS &= segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    x_BxTxD = weights.embed_VxD.astype(dtype)[input_ids_BxT]
+    cos, sin = _rope_tables(positions_BxT, cfg.inv_freq(), dtype)
+    distance_TxS = slots_T[:, None] - key_slots_S[None, :]
+    # Folding an adapter into its weight rounds its delta-W to the weight's precision: exact enough in 32 bits
+    # (the products' own rounding), not in 16.
+    merge = dropout == 0.0 and jnp.dtype(dtype).itemsize >= 4
+    spec = _LayerSpec(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
+                      cfg.hidden_act, dropout, merge)
+    return x_BxTxD, spec, (base_mask_BxTxS, distance_TxS, cos, sin)
+
+
 def apply_model(
     cfg: ModelConfig,
     weights: Weights,
@@ -309,38 +390,17 @@ def apply_model(
         reference_backward: differentiate the layers by autodiff of their plain forward instead of through
             ``_layer``'s hand-written backward (the reference that one is checked against).
     """
-    b, t = input_ids_BxT.shape
-    dtype = compute_dtype or weights.embed_VxD.dtype
     deltas = deltas or {}
-    slots_T = cache_index + jnp.arange(t)
-    if positions_BxT is None:
-        positions_BxT = jnp.broadcast_to(slots_T, (b, t))
-    if cache is None:
-        s = t
-        key_slots_S = slots_T
-    else:
-        s = cache.k_LxBxSxKxHd.shape[2]
-        key_slots_S = jnp.arange(s)
-    valid_BxS = jnp.ones((b, s), bool) if attention_mask_BxS is None else attention_mask_BxS.astype(bool)
-    causal_TxS = key_slots_S[None, :] <= slots_T[:, None]
-    base_mask_BxTxS = causal_TxS[None] & valid_BxS[:, None, :]
-    if segment_ids_BxT is not None:  # packed examples never see each other
-        base_mask_BxTxS &= segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-    windows_L = jnp.asarray(cfg.sliding_windows or (0,) * cfg.num_hidden_layers, jnp.int32)
-
-    x_BxTxD = weights.embed_VxD.astype(dtype)[input_ids_BxT]
-    cos, sin = _rope_tables(positions_BxT, cfg.inv_freq(), dtype)
-    act = _ACTIVATIONS[cfg.hidden_act]
-    h, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_hidden_layers)
-    distance_TxS = slots_T[:, None] - key_slots_S[None, :]
-    # Without a cache each layer is one function with a hand-written backward (``_layer``); with one (or on
-    # cuDNN's fused attention), the layer below, which nothing differentiates through a cache.
+    s = input_ids_BxT.shape[1] if cache is None else cache.k_LxBxSxKxHd.shape[2]
     layer_dropout = dropout if dropout_rng is not None else 0.0
-    # Folding an adapter into its weight rounds its delta-W to the weight's precision: exact enough in 32 bits
-    # (the products' own rounding), not in 16.
-    merge = layer_dropout == 0.0 and jnp.dtype(dtype).itemsize >= 4
-    spec = _LayerSpec(h, kv, hd, cfg.rms_norm_eps, cfg.hidden_act, layer_dropout, merge)
+    x_BxTxD, spec, masks = _prepare(cfg, weights, input_ids_BxT, s, cache is not None, cache_index,
+                                    attention_mask_BxS, positions_BxT, segment_ids_BxT, compute_dtype, layer_dropout)
+    base_mask_BxTxS, distance_TxS, cos, sin = masks
+    dtype = x_BxTxD.dtype
+    windows_L = jnp.asarray(cfg.sliding_windows or (0,) * cfg.num_hidden_layers, jnp.int32)
+    layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_hidden_layers)
+    # Without a cache each layer is one function with a hand-written backward (``_layer``); with one (or on
+    # cuDNN's fused attention), ``_cached_layer``, which nothing differentiates through a cache.
     whole_layer = cache is None and not uses_fused_kernel(dtype) and not reference_backward
 
     def block(carry, layer):
@@ -350,31 +410,8 @@ def apply_model(
         if whole_layer:
             x_BxTxD = _layer(spec, x_BxTxD, w, layer_deltas, rng, window, base_mask_BxTxS, distance_TxS, cos, sin)
             return (x_BxTxD, cache_kv), None
-        in_window_TxS = (window == 0) | (distance_TxS < window)
-        mask_BxTxS = base_mask_BxTxS & in_window_TxS[None]
-
-        y = _rms_norm(x_BxTxD, w.attn_norm_LxD, cfg.rms_norm_eps)
-        q = _project("q_proj", y, w, layer_deltas, dropout, rng)[0].reshape(b, t, h, hd)
-        k = _project("k_proj", y, w, layer_deltas, dropout, rng)[0].reshape(b, t, kv, hd)
-        v = _project("v_proj", y, w, layer_deltas, dropout, rng)[0].reshape(b, t, kv, hd)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        if cache_kv is not None:
-            # The whole [L, B, S, K, Hd] cache is the scan's carry, written in place at this layer's
-            # slots; passing per-layer slices as xs/ys instead copies the full cache several times a step.
-            k_cache, v_cache = cache_kv
-            start = (layer_index, 0, cache_index, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], start)
-            cache_kv = (k_cache, v_cache)
-            k = jax.lax.dynamic_index_in_dim(k_cache, layer_index, 0, keepdims=False).astype(dtype)
-            v = jax.lax.dynamic_index_in_dim(v_cache, layer_index, 0, keepdims=False).astype(dtype)
-        attn_BxTxHHd = attention(q, k, v, mask_BxTxS, causal_square=cache_kv is None)
-        x_BxTxD = x_BxTxD + _project("o_proj", attn_BxTxHHd, w, layer_deltas, dropout, rng)[0]
-
-        y = _rms_norm(x_BxTxD, w.mlp_norm_LxD, cfg.rms_norm_eps)
-        gate = act(_project("gate_proj", y, w, layer_deltas, dropout, rng)[0])
-        up = _project("up_proj", y, w, layer_deltas, dropout, rng)[0]
-        x_BxTxD = x_BxTxD + _project("down_proj", gate * up, w, layer_deltas, dropout, rng)[0]
+        x_BxTxD, cache_kv = _cached_layer(spec, x_BxTxD, w, layer_deltas, rng, window, base_mask_BxTxS,
+                                          distance_TxS, cos, sin, cache_kv, cache_index, layer_index)
         return (x_BxTxD, cache_kv), None
 
     if remat:
@@ -389,6 +426,60 @@ def apply_model(
     if return_hidden:
         return x_BxTxD, new_cache
     return lm_logits(weights, x_BxTxD), new_cache
+
+
+class UnstackedLayers(NamedTuple):
+    """The layers as separate arrays, one entry per layer (no [L] axis): what ``decode_unstacked`` reads."""
+
+    layers: tuple[LayerWeights, ...]
+    deltas: tuple[dict[str, Delta], ...]  # empty dicts when the adapter is folded into ``layers``
+
+
+def unstack_layers(weights: Weights, deltas: dict[str, Delta] | None, fold: bool) -> UnstackedLayers:
+    """Copies of every layer's weights (and adapter deltas) as separate arrays, made once before a decode loop.
+
+    A decode step inside ``jax.lax.scan`` reads each layer's weights through a dynamic slice of the stacked
+    arrays, which XLA:CPU materialises: every step copies all the weights once more before its products read
+    them (for SmolLM2, 538 MB written and read again per token). ``fold`` adds each adapter's delta-W into its
+    weight (for 32-bit compute, where the rounding is the products' own), so a step runs no adapter products.
+    """
+    layers, deltas = weights.layers, deltas or {}
+    if fold and deltas:
+        layers = layers.replace(proj={name: w + deltas[name].weight().astype(w.dtype) if name in deltas else w
+                                      for name, w in layers.proj.items()})
+        deltas = {}
+    count = layers.attn_norm_LxD.shape[0]
+    return UnstackedLayers(tuple(jax.tree.map(lambda x: x[i], layers) for i in range(count)),
+                           tuple(jax.tree.map(lambda x: x[i], deltas) for i in range(count)))
+
+
+def unstack_cache(cache: KVCache) -> tuple[tuple[Array, Array], ...]:
+    """A stacked [L, B, S, K, Hd] cache as one head-major (keys, values) pair of [B, K, S, Hd] per layer."""
+    head_major = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+    return tuple((head_major(cache.k_LxBxSxKxHd[i]), head_major(cache.v_LxBxSxKxHd[i]))
+                 for i in range(cache.k_LxBxSxKxHd.shape[0]))
+
+
+def decode_unstacked(cfg: ModelConfig, weights: Weights, layers: UnstackedLayers, input_ids_BxT: Array,
+                     caches: tuple[tuple[Array, Array], ...], cache_index: Array | int, attention_mask_BxS: Array,
+                     positions_BxT: Array, compute_dtype: Any = None) -> tuple[Array, tuple[tuple[Array, Array], ...]]:
+    """``apply_model(..., cache=..., return_hidden=True)`` over ``unstack_layers``' copies and
+    ``unstack_cache``'s per-layer caches, the layers unrolled: final normed hidden states [B, T, D] and the
+    caches with the new keys/values at slots [cache_index, cache_index + T). For decode steps (T = 1), where
+    reading the weights is the work; prefill keeps the scan, whose slices are cheap next to its products."""
+    s = caches[0][0].shape[2]
+    x_BxTxD, spec, (base_mask_BxTxS, distance_TxS, cos, sin) = _prepare(
+        cfg, weights, input_ids_BxT, s, True, cache_index, attention_mask_BxS, positions_BxT, None,
+        compute_dtype, 0.0)
+    windows = cfg.sliding_windows or (0,) * len(layers.layers)
+    new_caches = []
+    for w, layer_deltas, window, cache_kv in zip(layers.layers, layers.deltas, windows, caches, strict=True):
+        x_BxTxD = _constrain(x_BxTxD, ("batch", None, None))
+        x_BxTxD, cache_kv = _cached_layer(spec, x_BxTxD, w, layer_deltas, None, window, base_mask_BxTxS,
+                                          distance_TxS, cos, sin, cache_kv, cache_index, None)
+        new_caches.append(cache_kv)
+    x_BxTxD = _constrain(_rms_norm(x_BxTxD, weights.final_norm_D, cfg.rms_norm_eps), ("batch", None, None))
+    return x_BxTxD, tuple(new_caches)
 
 
 def lm_logits(weights: Weights, x_BxTxD: Array) -> Array:
