@@ -49,6 +49,18 @@ def test_embedded_default_trains_and_exports(uninterrupted):
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
 
 
+def test_init_from_starts_at_the_exported_adapter_with_the_configs_dropout(uninterrupted, tmp_path):
+    from lora_merge_jax.training.loop import build_adapter
+
+    out, result = uninterrupted
+    cfg = tiny_train_config(tmp_path / "continued", f"adapter.init_from={out}", "adapter.dropout=0.25")
+    adapter = build_adapter(cfg, result.model)
+    assert adapter.dropout == 0.25  # the config's, not the exported adapter's
+    for name, a in adapter.a.items():  # the trained factors, placed on the model's mesh
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(result.state.adapter.a[name]), err_msg=name)
+        np.testing.assert_array_equal(np.asarray(adapter.b[name]), np.asarray(result.state.adapter.b[name]))
+
+
 def test_resume_in_process_reaches_the_same_adapter(uninterrupted, tmp_path):
     full_dir, _ = uninterrupted
     cfg = tiny_train_config(tmp_path)

@@ -149,8 +149,7 @@ def build_adapter(cfg: TrainConfig, model: Model) -> Any:
         adapter = adaptive.merge_for_training(tasks, cfg.merge.granularity, cfg.merge.init_coefficients, a.dropout,
                                               model.config.num_hidden_layers)
     elif a.init_from is not None:
-        adapter = peft_io.read_peft_adapter(adapter_dir(a.init_from), model.config)
-        adapter = adapter.replace(dropout=a.dropout) if hasattr(adapter, "replace") else adapter
+        adapter = peft_io.read_peft_adapter(adapter_dir(a.init_from), model.config).replace(dropout=a.dropout)
     elif a.kind == "melora":
         adapter = init_melora(model.config, key, a.num_blocks, a.rank, a.alpha, a.target_modules, a.layers, a.dropout)
     else:
