@@ -499,12 +499,29 @@ def finished_record(out: Path, mirror: Mirror, unit: Unit, tag: str | None) -> d
     return None
 
 
+def scorer_version() -> str:
+    """A digest of the library code a unit's scores depend on: every module outside ``training/``.
+
+    Recorded with each unit's scores (``scored_by``), so that ``--rescore`` finds the units that an older
+    version of the decoding or evaluation code scored, and a rerun of it resumes.
+    """
+    package = REPO / "lora_merge_jax"
+    digest = hashlib.sha256()
+    for file in sorted(package.rglob("*.py")):
+        relative = file.relative_to(package)
+        if relative.parts[0] != "training":
+            digest.update(str(relative).encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 class Study:
     """Trains and evaluates units against one base model, caching what units share (model, sources, data)."""
 
-    def __init__(self, preset: Preset, base: Path, data_dir: Path, out: Path, log, mirror: Mirror):
+    def __init__(self, preset: Preset, base: Path, data_dir: Path, out: Path, log, mirror: Mirror,
+                 scorer: str = ""):
         self.preset, self.base, self.data_dir, self.out, self.log, self.mirror = (preset, base, data_dir, out, log,
                                                                                   mirror)
+        self.scorer = scorer  # scorer_version() of the code this process imported
         self.sources = task_sources(preset)
         self._model = None
         self._eval_examples: dict[tuple[str, str | None], Any] = {}
@@ -658,7 +675,8 @@ class Study:
         scores = self.score(self.model, adapter, unit.target, eval_file)
         trained_file = out / "trained.json"
         trained = json.loads(trained_file.read_text()) if trained_file.exists() else {"train_seconds": 0.0}
-        record = {**dataclasses.asdict(unit), **trained, "scores": scores, "build_seconds": t1 - t0,
+        record = {**dataclasses.asdict(unit), **trained, "scores": scores, "scored_by": self.scorer,
+                  "build_seconds": t1 - t0,
                   "eval_seconds": time.perf_counter() - t1, "eval_file": eval_file or "(the target's dev split)",
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
         out.mkdir(parents=True, exist_ok=True)
@@ -757,7 +775,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--eval-file", help="score on this file (relative to --data-dir; one target) instead of the "
                     "target's dev split, with the same settings; results go to result_<tag>.json, "
                     "results_<tag>.json, table_<tag>.md, never over the default ones")
-    ap.add_argument("--rescore", action="store_true", help="evaluate: score units that have scores already again")
+    ap.add_argument("--rescore", action="store_true", help="score again the finished units that another version "
+                    "of the scoring code scored (the library outside training/, recorded as scored_by); resumable")
     ap.add_argument("--mirror-dir", type=Path, help="where finished records are mirrored (real sizes; default "
                     "bench/paper_table_<size>/ when publishing, else <out-dir>/mirror)")
     ap.add_argument("--publish", action=argparse.BooleanOptionalAction, default=None,
@@ -820,6 +839,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import lora_merge_jax.merge.static
     import lora_merge_jax.training.loop  # noqa: F401
 
+    scorer = scorer_version()  # of the modules just imported
+
     # Units of one kind compile the same programs: keep them across units and reruns.
     jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -854,13 +875,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mirror.put_named("base_model", {k: v for k, v in base_info.items() if k != "path"})  # no local paths
     if args.only_base:
         return {}
-    study = Study(preset, base, data_dir, out, log, mirror)
-    done = [finished_record(out, mirror, u, tag) is not None and not args.rescore for u in units]
+    study = Study(preset, base, data_dir, out, log, mirror, scorer)
+    records = [finished_record(out, mirror, u, tag) for u in units]
+    done = [r is not None and (not args.rescore or r.get("scored_by") == scorer) for r in records]
     log(f"{len(units)} units, {sum(done)} done already" + ("" if mirror.root is None else
-                                                          f" (mirror {mirror.directory})"))
+                                                          f" (mirror {mirror.directory})")
+        + (f"; scoring code {scorer}: {sum(r is not None and not d for r, d in zip(records, done))} to rescore"
+           if args.rescore else ""))
     spent: list[float] = []
     for i, unit in enumerate(units, 1):
-        if done[i - 1]:
+        if done[i - 1] or (args.rescore and records[i - 1] is None):  # --rescore only scores again
             continue
         t0, sources_before = time.perf_counter(), study.source_seconds
         if stage != "evaluate":

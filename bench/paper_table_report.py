@@ -9,6 +9,7 @@ larger than the seed spread (|mean difference| > sqrt(std_a^2 + std_b^2)).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -165,6 +166,7 @@ def write_report(out: Path, preset: Any, size: str, machine: dict, units: list, 
             "units_done": len(records), "units_planned": len(units), "notes": notes, "eval_split": tag,
             "sources": {t: list(s) for t, s in (sources or {}).items() if t in preset.targets},
             "first_finished": starts[0] if starts else None, "last_finished": starts[-1] if starts else None,
+            "scored_by": dict(collections.Counter(r.get("scored_by", "(not recorded)") for r in records)),
             "seconds": {"base": base_info.get("seconds", 0.0),
                         "sources": sum(_read_json(f)["seconds"] for f in source_files.values()),
                         "units": sum(r.get("train_seconds", 0.0) + r.get("build_seconds", 0.0) + r["eval_seconds"]
@@ -222,7 +224,8 @@ def markdown(meta: dict, summary: dict, ns: tuple[int, ...], seeds: int) -> list
         f"batch {p['batch_size']} (the same budget), examples cut to {p['max_length']} tokens, summaries to "
         f"{p['max_target_length']}. Merges: task_layer coefficients; pruning to 50% (defaults unless named). "
         f"LoraHub: {p['lorahub_budget']} evaluations of the loss on "
-        f"{'all N' if p['lorahub_max_examples'] is None else 'at most ' + str(p['lorahub_max_examples'])} examples. Static merges: weights 1/K, density 0.5."),
+        f"{'all N' if p['lorahub_max_examples'] is None else 'at most ' + str(p['lorahub_max_examples'])} examples. "
+        "Static merges: weights 1/K, density 0.5."),
         (f"- Evaluation: {split}, greedy decoding "
         f"of up to {p['max_target_length']} tokens; ROUGE F1 (MeCab for Japanese), sacreBLEU, and the mean "
         "per-token NLL of the first reference summary (ref. loss, lower is better)."),
@@ -231,6 +234,10 @@ def markdown(meta: dict, summary: dict, ns: tuple[int, ...], seeds: int) -> list
         f"seeds (run count in brackets when it differs from {seeds}); base and static merges see no target data "
         "and repeat under every N (static_dare_ties varies with the seed)."),
         *[f"- Note: {n}" for n in meta["notes"]],
+        *([f"- Note: the scores come from {len(meta['scored_by'])} versions of the scoring code ("
+           + ", ".join(f"{v}: {c} units" for v, c in sorted(meta["scored_by"].items()))
+           + "); `--stage evaluate --rescore` scores them all with the current one."]
+          if len(meta.get("scored_by", {})) > 1 else []),
     ]
     for target, rows in summary.items():
         name = TARGET_NAMES.get(target, target)

@@ -151,6 +151,22 @@ def test_real_path_evaluates_saved_adapters_and_mirrors(tmp_path):
     assert (out / "results_scitldr_train.json").exists() and (out / "mirror" / "eval_scitldr_train").is_dir()
     assert (out / "RESULTS.md").read_text() == report  # scores on another split are not published
 
+    # --rescore: only the units that another version of the scoring code scored, and resumable
+    stale = {**record, "scored_by": "0ld5c0re4bcd"}
+    for file in (unit / "result.json", out / "mirror" / mirrored[0]):
+        file.write_text(json.dumps(stale))
+    rescored = _run_real(out, model, "--methods", "base", "static_exact", "merge_prune", "--stage", "evaluate",
+                         "--rescore")
+    assert rescored.returncode == 0, rescored.stdout[-3000:] + rescored.stderr[-3000:]
+    assert f"3 units, 2 done already (mirror {out / 'mirror'}); scoring code {record['scored_by']}: 1 to rescore" \
+        in rescored.stdout
+    assert rescored.stdout.count("ROUGE-L") == 1 and "merge_prune N=4" in rescored.stdout
+    assert json.loads((unit / "result.json").read_text())["scored_by"] == record["scored_by"]
+    assert json.loads((out / "mirror" / mirrored[0]).read_text())["scores"] == record["scores"]  # deterministic
+    resumed = _run_real(out, model, "--methods", "base", "static_exact", "merge_prune", "--stage", "evaluate",
+                        "--rescore")
+    assert "0 to rescore" in resumed.stdout and "ROUGE-L" not in resumed.stdout
+
     import shutil
 
     shutil.rmtree(out / "units")  # runs/ lost: the mirror still holds every finished unit
