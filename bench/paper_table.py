@@ -71,7 +71,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from paper_table_report import ALL_METHODS
+from paper_table_report import ALL_METHODS, DEFAULT_METHODS
 
 from lora_merge_jax.io.files import write_json_atomic
 
@@ -357,14 +357,14 @@ def data_section(name: str, preset: Preset, data_dir: Path, **extra: Any) -> dic
 
 
 def train_config(out: Path, base: Path, data: dict, adapter: dict, steps: int, seed: int, lr: float,
-                 merge: dict | None = None) -> Any:
+                 merge: dict | None = None, coefficient_lr: float = 1e-2) -> Any:
     from lora_merge_jax import config
     from lora_merge_jax.training.config import TrainConfig
 
     values = {
         "output_dir": str(out), "model": {"path": str(base), "dtype": "float32"}, "adapter": adapter,
         "merge": merge or {}, "data": data,
-        "optim": {"learning_rate": lr, "coefficient_learning_rate": 1e-2, "warmup_steps": max(steps // 10, 1),
+        "optim": {"learning_rate": lr, "coefficient_learning_rate": coefficient_lr, "warmup_steps": max(steps // 10, 1),
                   "decay": "cosine", "clip_norm": 1.0},
         "train": {"steps": steps, "seed": seed, "save_every": steps, "keep_checkpoints": 1, "log_every": 10,
                   "async_checkpoints": False, "progress": False},
@@ -387,7 +387,11 @@ PRUNE_VARIANTS = {
     "merge_prune_component": {"granularity": "component"},
     "merge_prune_global": {"scope": "global"},
     "merge_prune_layer": {"scope": "layer"},
+    "merge_prune_coef_lr_1e-1": {},
+    "merge_prune_coef_lr_1e-3": {},
 }
+# The merge coefficients' learning rate (1e-2 unless named): the pruning defaults with 10x more and 10x less.
+COEFFICIENT_LR = {"merge_prune_coef_lr_1e-1": 1e-1, "merge_prune_coef_lr_1e-3": 1e-3}
 
 
 def merge_section(method: str, source_dirs: list[str]) -> dict[str, Any]:
@@ -608,7 +612,8 @@ class Study:
             adapter_cfg, merge, lr = {"kind": "merge"}, merge_section(m, sources), LEARNING_RATE["merge"]
         data = data_section(unit.target, p, self.data_dir, max_examples=unit.n, subset_seed=unit.seed,
                             shuffle_seed=unit.seed)
-        cfg = train_config(out / "run", self.base, data, adapter_cfg, p.target_steps, unit.seed, lr, merge)
+        cfg = train_config(out / "run", self.base, data, adapter_cfg, p.target_steps, unit.seed, lr, merge,
+                           COEFFICIENT_LR.get(m, 1e-2))
         result = run_trainer(cfg, self.log)
         info: dict[str, Any] = {"train_loss_first": result.losses[0], "train_loss_final": result.losses[-1],
                                 "train_losses": [round(x, 5) for x in result.losses]}
@@ -849,7 +854,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + f": {preset}")
     from paper_table_report import publish, write_report
 
-    methods = preset.methods or ALL_METHODS
+    methods = preset.methods or DEFAULT_METHODS
     units = plan_units(preset.targets, preset.settings, methods, preset.ns, preset.seeds)
     notes = ([REAL_PLAN_NOTE] if args.size == "real" else []) + args.note
 
@@ -882,9 +887,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                           f" (mirror {mirror.directory})")
         + (f"; scoring code {scorer}: {sum(r is not None and not d for r, d in zip(records, done))} to rescore"
            if args.rescore else ""))
+    # --rescore only scores again: units without scores are left to a run without it
+    pending = [i for i, r in enumerate(records) if not done[i] and not (args.rescore and r is None)]
     spent: list[float] = []
     for i, unit in enumerate(units, 1):
-        if done[i - 1] or (args.rescore and records[i - 1] is None):  # --rescore only scores again
+        if i - 1 not in pending:
             continue
         t0, sources_before = time.perf_counter(), study.source_seconds
         if stage != "evaluate":
@@ -899,7 +906,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         record = study.evaluate(unit, args.eval_file)
         done[i - 1] = True
         spent.append(time.perf_counter() - t0 - (study.source_seconds - sources_before))
-        left = len(done) - sum(done)
+        left = sum(not done[j] for j in pending)
         s = record["scores"]
         log(f"[{i}/{len(units)}] {unit.target} {unit.setting} {unit.method} N={unit.n} seed={unit.seed}: "
             f"ROUGE-L {s['rougeL']:.2f} BLEU {s['bleu']:.2f} ref-loss {s['reference_loss']:.4f} "

@@ -85,20 +85,6 @@ def _adapter_input(name: str, x_BxTxD: Array, dropout: float, rng: Array | None)
     return _dropout(x_BxTxD, dropout, sub)
 
 
-def _project(name: str, x_BxTxD: Array, w: LayerWeights, deltas: dict[str, Delta], dropout: float,
-             rng: Array | None) -> tuple[Array, Array | None]:
-    """x @ W (+ bias) (+ the adapter's delta): ([B, T, F], the adapter's rank activations or None)."""
-    x_NxD = tokens_first(x_BxTxD)
-    y = jnp.einsum("nd,df->nf", x_NxD, w.proj[name].astype(x_BxTxD.dtype)).reshape(*x_BxTxD.shape[:-1], -1)
-    if name in w.bias:
-        y = y + w.bias[name].astype(y.dtype)
-    h = None
-    if name in deltas:
-        h = deltas[name].down(tokens_first(_adapter_input(name, x_BxTxD, dropout, rng)))
-        y = y + deltas[name].up(h).reshape(y.shape).astype(y.dtype)
-    return y, h
-
-
 def _group_weight(names: tuple[str, ...], w: LayerWeights, deltas: dict[str, Delta], merge: bool,
                   dtype: Any, with_down: bool = True) -> tuple[Array, list[int]]:
     """The projections' weights side by side [D, sum F] in ``dtype`` (and the widths), for one product
@@ -119,8 +105,8 @@ def _group_weight(names: tuple[str, ...], w: LayerWeights, deltas: dict[str, Del
 
 def _project_group(names: tuple[str, ...], x_BxTxD: Array, w: LayerWeights, deltas: dict[str, Delta],
                    dropout: float, rng: Array | None, merge: bool) -> tuple[list[Array], dict[str, Array]]:
-    """``_project`` of several projections of one input as one product: ([B, T, F] per projection, the
-    adapters' rank activations by name)."""
+    """x @ W (+ bias) (+ the adapter's delta) of several projections of one input, as one product when there
+    are several: ([B, T, F] per projection, the adapters' rank activations by name)."""
     b, t, _ = x_BxTxD.shape
     weight, widths = _group_weight(names, w, deltas, merge, x_BxTxD.dtype)
     y_NxF = jnp.einsum("nd,df->nf", tokens_first(x_BxTxD), weight)
@@ -287,11 +273,13 @@ def _cached_layer(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dic
     b, t, _ = x_BxTxD.shape
     h, kv, hd = spec.heads, spec.kv_heads, spec.head_dim
     mask_BxTxS = base_mask_BxTxS & ((window == 0) | (distance_TxS < window))[None]
-    project = functools.partial(_project, w=w, deltas=deltas, dropout=spec.dropout, rng=rng)
+    # One product per projection: grouping them would concatenate the weights in every decode step.
+    group = functools.partial(_project_group, w=w, deltas=deltas, dropout=spec.dropout, rng=rng, merge=False)
+    project = lambda name, x: group((name,), x)[0][0]  # noqa: E731
     y = _rms_norm(x_BxTxD, w.attn_norm_LxD, spec.eps)
-    q = project("q_proj", y)[0].reshape(b, t, h, hd)
-    k = project("k_proj", y)[0].reshape(b, t, kv, hd)
-    v = project("v_proj", y)[0].reshape(b, t, kv, hd)
+    q = project("q_proj", y).reshape(b, t, h, hd)
+    k = project("k_proj", y).reshape(b, t, kv, hd)
+    v = project("v_proj", y).reshape(b, t, kv, hd)
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     if cache_kv is not None:
         k_cache, v_cache = cache_kv
@@ -314,12 +302,12 @@ def _cached_layer(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dic
             attn_BxTxHHd = attention(q, k, v, mask_BxTxS, causal_square=False)
     else:
         attn_BxTxHHd = attention(q, k, v, mask_BxTxS, causal_square=True)
-    x_BxTxD = x_BxTxD + project("o_proj", attn_BxTxHHd)[0]
+    x_BxTxD = x_BxTxD + project("o_proj", attn_BxTxHHd)
 
     y = _rms_norm(x_BxTxD, w.mlp_norm_LxD, spec.eps)
-    gate = _ACTIVATIONS[spec.act](project("gate_proj", y)[0])
-    up = project("up_proj", y)[0]
-    x_BxTxD = x_BxTxD + project("down_proj", gate * up)[0]
+    gate = _ACTIVATIONS[spec.act](project("gate_proj", y))
+    up = project("up_proj", y)
+    x_BxTxD = x_BxTxD + project("down_proj", gate * up)
     return x_BxTxD, cache_kv
 
 
