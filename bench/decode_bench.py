@@ -55,17 +55,10 @@ from lora_merge_jax.evaluation import generate as gen  # noqa: E402
 from lora_merge_jax.evaluation.evaluate import GenerationSection, length_sorted_batches  # noqa: E402
 from lora_merge_jax.io.gguf_fetch import fetch_smollm2  # noqa: E402
 from lora_merge_jax.models.config import PROJECTIONS  # noqa: E402
+from torch_reference import torch_model  # noqa: E402
 
 REAL_MODELS = {"smollm2": fetch_smollm2}  # --model name -> () -> path of the (cached) GGUF
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _torch_model(path: Path) -> torch.nn.Module:
-    """transformers' model of a checkpoint directory or, through its own GGUF loader, a .gguf file."""
-    if path.suffix.lower() == ".gguf":
-        return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                 dtype=torch.float32).eval()
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
 def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -293,7 +286,7 @@ def main() -> None:
         path = args.checkpoint or tiny.make_tiny_model(Path(tmp) / "tiny", hidden=args.hidden, layers=args.layers,
                                                        ffw=2 * args.hidden)
         ours = lmj.load_pretrained(path)
-        theirs = _torch_model(Path(path))
+        theirs = torch_model(Path(path)).eval()
     if args.data == "scitldr":
         report = run_scitldr(args, ours, theirs)
         if report is not None and args.out:

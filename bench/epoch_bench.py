@@ -79,24 +79,18 @@ def ours(gguf: Path, data: dict, out: Path) -> dict:
 
 def peft_epoch(gguf: Path, data: dict) -> dict:
     """The same examples, in the same epoch order, through PEFT with per-batch padding."""
-    import peft
     import torch
     import transformers
+    from torch_reference import peft_lora
 
     from lora_merge_jax.data.batching import TrainIterator
     from lora_merge_jax.data.prompts import build_train_examples, pad_token_id
     from lora_merge_jax.data.records import DataConfig
 
     start = time.perf_counter()
-    base = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                             dtype=torch.float32)
+    reference = peft_lora(gguf, RANK, PROJECTIONS, LEARNING_RATE)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                            trust_remote_code=False)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0,
-                                                      target_modules=list(PROJECTIONS), task_type="CAUSAL_LM"))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
     cfg = DataConfig(**{**data, "packing": False})
     examples, _ = build_train_examples(cfg, tokenizer)
     order = TrainIterator(examples, cfg, pad_token_id(tokenizer)).epoch_order(0)
@@ -116,12 +110,7 @@ def peft_epoch(gguf: Path, data: dict) -> dict:
             mask[r, :n] = 1
             labels[r, :n] = torch.where(torch.as_tensor(e.target_mask) == 1, ids[r, :n], -100)
             real_tokens += n
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(reference.step(ids, mask, labels))
         print(f"  peft: step {step + 1}/{steps} loss {losses[-1]:.4f} ({time.perf_counter() - loop_start:.0f} s)",
               flush=True)
     end = time.perf_counter()

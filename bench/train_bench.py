@@ -71,6 +71,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from torch_reference import peft_lora  # noqa: E402
 
 import lora_merge_jax as lmj  # noqa: E402
 from lora_merge_jax.models import losses  # noqa: E402
@@ -91,14 +92,6 @@ CONFIGS = {
 # real models: name -> (() -> path of the cached GGUF, default sequence length)
 REAL_MODELS = {"smollm2": (fetch_smollm2, 128)}
 LEARNING_RATE = 1e-4
-
-
-def _torch_model(path: Path) -> torch.nn.Module:
-    """transformers' model of a checkpoint directory or, through its own GGUF loader, a .gguf file."""
-    if path.suffix.lower() == ".gguf":
-        return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                 dtype=torch.float32)
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 7) -> tuple[float, float]:
@@ -188,30 +181,19 @@ def ours(model: lmj.Model, variant: str, k: int, rank: int, batch: dict, steps_t
 
 def peft_step(path: Path, rank: int, batch: dict):
     """The same LoRA step in PyTorch + PEFT: a ready-to-time closure and its adapter parameter count."""
-    import peft
-
-    base = _torch_model(path)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                      target_modules=list(PROJECTIONS), task_type="CAUSAL_LM"))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
+    reference = peft_lora(path, rank, PROJECTIONS, LEARNING_RATE)
     ids = torch.tensor(batch["input_ids"][0], dtype=torch.long)
     mask = torch.tensor(batch["attention_mask"][0], dtype=torch.long)
     labels = torch.where(torch.tensor(batch["target_mask"][0]) == 1, ids, torch.tensor(-100))
 
     def one_step() -> float:
         start = time.perf_counter()
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        reference.step(ids, mask, labels)
         return time.perf_counter() - start
 
     for _ in range(2):
         one_step()
-    return one_step, sum(p.numel() for p in params)
+    return one_step, sum(p.numel() for p in reference.params)
 
 
 def run_config(name: str, args: argparse.Namespace, tmp: Path) -> dict:
