@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -142,8 +143,20 @@ def task_loras(cfg: ModelConfig, k: int, rank: int) -> list[lmj.LoraAdapter]:
     return out
 
 
-def ours(model: lmj.Model, variant: str, k: int, rank: int, batch: dict, steps_total: int):
-    """A ready-to-time closure for one of our variants, its compile seconds and its adapter parameter count."""
+class OurStep(NamedTuple):
+    step: Any  # jit_train_step's jitted step and shardings
+    state: Any  # the train state, placed
+    batch: dict  # the batch, placed
+    weights: Any  # the base weights the step reads
+    adapter_params: int
+
+    def compiled(self):
+        """The step compiled ahead of time (``.as_text()``: the optimized HLO that runs)."""
+        return self.step.jitted.lower(self.state, self.weights, self.batch).compile()
+
+
+def build_ours(model: lmj.Model, variant: str, k: int, rank: int, batch: dict, steps_total: int) -> OurStep:
+    """One of our variants' train step as ``train.py`` builds it, with its state and batch placed."""
     cfg = model.config
     tx = make_optimizer(OptimConfig(learning_rate=LEARNING_RATE, decay="constant"), steps_total)
     post_update, extra = None, None
@@ -161,22 +174,27 @@ def ours(model: lmj.Model, variant: str, k: int, rank: int, batch: dict, steps_t
     step_fn = make_train_step(cfg, tx, compute_dtype=model.compute_dtype, post_update=post_update,
                               max_target_tokens=losses.most_targets(batch["target_mask"]))
     step = jit_train_step(step_fn, state, model.weights, cfg, model.mesh, batch["input_ids"].shape[1])
-    state = jax.device_put(state, step.state_shardings)
-    dev_batch = jax.device_put(batch, step.batch_sharding)
+    return OurStep(step, jax.device_put(state, step.state_shardings), jax.device_put(batch, step.batch_sharding),
+                   model.weights, adapter_params)
+
+
+def ours(model: lmj.Model, variant: str, k: int, rank: int, batch: dict, steps_total: int):
+    """A ready-to-time closure for one of our variants, its compile seconds and its adapter parameter count."""
+    built = build_ours(model, variant, k, rank, batch, steps_total)
     start = time.perf_counter()
-    step.jitted.lower(state, model.weights, dev_batch).compile()
+    built.compiled()
     compile_s = time.perf_counter() - start
-    box = {"state": state}
+    box = {"state": built.state}
 
     def one_step() -> float:
         start = time.perf_counter()
-        box["state"], metrics = step(box["state"], dev_batch)
+        box["state"], metrics = built.step(box["state"], built.batch)
         jax.block_until_ready((box["state"], metrics))
         return time.perf_counter() - start
 
     for _ in range(2):  # the first call also runs the jit cache lookup and allocations
         one_step()
-    return one_step, compile_s, adapter_params
+    return one_step, compile_s, built.adapter_params
 
 
 def peft_step(path: Path, rank: int, batch: dict):
