@@ -113,7 +113,8 @@ def profile(args: argparse.Namespace, out: Path) -> None:
     for name, ms in per_op.most_common(args.top):
         shape, _, source = ops[name]
         print(f"  {ms:8.1f} {calls[name]:4d}  {name:36s} {shape:22s} {source[-80:]}")
-    print(f"trace: {trace_file}\noptimized HLO: {out / 'step.hlo.txt'}")
+    if args.trace_dir is not None:
+        print(f"trace: {trace_file}\noptimized HLO: {out / 'step.hlo.txt'}")
 
 
 def main() -> None:
