@@ -97,21 +97,40 @@ LEARNING_RATE = 1e-4
 
 def matmul_gflops(size: int = 2048, repeats: int = 7) -> tuple[float, float]:
     """(jax, torch) float32 GFLOP/s of a size x size matmul, median of ``repeats`` after a warm-up."""
-    x = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    return shape_gflops([(size, size, size)], repeats)
+
+
+def shape_gflops(shapes: list[tuple[int, int, int]], repeats: int = 7) -> tuple[float, float]:
+    """(jax, torch) float32 GFLOP/s over the [M, K] x [K, N] products ``shapes`` (M, K, N), each a jitted
+    ``jnp.dot`` and a ``torch.mm`` taking turns; medians of ``repeats`` after a warm-up."""
+    flops, jax_s, torch_s = 0.0, 0.0, 0.0
     dot = jax.jit(jnp.dot)
-    dot(x, x).block_until_ready()
-    xt = torch.randn(size, size)
-    torch.mm(xt, xt)
-    times_jax, times_torch = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dot(x, x).block_until_ready()
-        times_jax.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        torch.mm(xt, xt)
-        times_torch.append(time.perf_counter() - start)
-    flops = 2 * size ** 3
-    return flops / statistics.median(times_jax) / 1e9, flops / statistics.median(times_torch) / 1e9
+    for m, k, n in shapes:
+        a, b = jax.random.normal(jax.random.key(0), (m, k)), jax.random.normal(jax.random.key(1), (k, n))
+        at, bt = torch.randn(m, k), torch.randn(k, n)
+        dot(a, b).block_until_ready()
+        torch.mm(at, bt)
+        times_jax, times_torch = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            dot(a, b).block_until_ready()
+            times_jax.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            torch.mm(at, bt)
+            times_torch.append(time.perf_counter() - start)
+        flops += 2.0 * m * k * n
+        jax_s += statistics.median(times_jax)
+        torch_s += statistics.median(times_torch)
+    return flops / jax_s / 1e9, flops / torch_s / 1e9
+
+
+def projection_shapes(cfg: ModelConfig, tokens: int) -> list[tuple[int, int, int]]:
+    """The forward products of one layer's projections as our step groups them (q/k/v and gate/up as one
+    product each), for ``tokens`` rows: what most of a step's time goes to."""
+    shape = {name: cfg.projection_shape(name) for name in PROJECTIONS}  # (in, out)
+    d = cfg.hidden_size
+    return [(tokens, d, sum(shape[n][1] for n in ("q_proj", "k_proj", "v_proj"))), (tokens, *shape["o_proj"]),
+            (tokens, d, shape["gate_proj"][1] + shape["up_proj"][1]), (tokens, *shape["down_proj"])]
 
 
 def flops_per_token(cfg: ModelConfig, seq: int, adapter_params: int) -> dict[str, float]:
@@ -264,7 +283,11 @@ def run_config(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     lora = rows["LoRA"]["median_step_s"]
     for label, row in rows.items():
         row["time_over_lora"] = row["median_step_s"] / lora
+    # XLA's and PyTorch's matmul kernels on the step's own products: the bound on any ratio to PEFT, since both
+    # spend most of a step in them.
+    jax_proj, torch_proj = shape_gflops(projection_shapes(cfg, args.batch * seq))
     return {"config": name, "params": cfg.num_params(), "seq": seq, "batch": args.batch, "rank": args.rank,
+            "projection_matmul_gflops": {"jax": jax_proj, "torch": torch_proj},
             "target_tokens": int(batch["target_mask"][0, 0].sum()),
             "model": {k: v for k, v in hf_kwargs.items()}, "rows": rows}
 
@@ -304,6 +327,9 @@ def main() -> None:
           f"2048^2: jax {jax_gflops:.0f}/{jax_gflops_after:.0f} GFLOP/s (start/end), torch "
           f"{torch_gflops:.0f}/{torch_gflops_after:.0f}; load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     print("targets per row: " + ", ".join(f"{r['config']} {r['target_tokens']} of {r['seq']}" for r in results))
+    print("matmul on each config's projection products (B*T rows): " + ", ".join(
+        f"{r['config']} jax {r['projection_matmul_gflops']['jax']:.0f} / torch "
+        f"{r['projection_matmul_gflops']['torch']:.0f} GFLOP/s" for r in results))
     header = (f"{'config':6s} {'T':>4s} {'variant':24s} {'adapter P':>10s} {'step ms':>9s} {'tokens/s':>9s} "
               f"{'x PEFT':>7s} {'/ LoRA':>7s} {'GFLOP/s':>8s} {'MFU':>6s} {'compile s':>9s}")
     print(header)
