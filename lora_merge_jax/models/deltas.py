@@ -67,14 +67,17 @@ class LowRankDelta:
         the factors' gradients, None where ``need``, a LowRankDelta of bools, is False).
 
         The product over the N tokens for a is taken as [R, D] and transposed: XLA's CPU backend runs the
-        [D, R] form (an R-wide output) several times slower.
+        [D, R] form (an R-wide output) several times slower. Its algebraic simplifier folds a plain transpose
+        back into the product, which makes it that form again; the optimization barrier keeps the [R, D]
+        product (3.7x on SmolLM2's down_proj a, 2,048 tokens; ``bench/profile_step.py``).
         """
         dtype = dy_NxF.dtype
         gain_R = self.gain_R.astype(dtype)
         dh_NxR = jnp.einsum("nf,rf->nr", dy_NxF, self.b_RxF.astype(dtype))
         d_gain = jnp.sum(h_NxR * dh_NxR, axis=0).astype(self.gain_R.dtype) if need.gain_R else None
         dh_NxR = dh_NxR * gain_R
-        d_a = jnp.einsum("nr,nd->rd", dh_NxR, x_NxD).T.astype(self.a_DxR.dtype) if need.a_DxR else None
+        d_a = (jax.lax.optimization_barrier(jnp.einsum("nr,nd->rd", dh_NxR, x_NxD)).T.astype(self.a_DxR.dtype)
+               if need.a_DxR else None)
         d_b = jnp.einsum("nr,nf->rf", h_NxR * gain_R, dy_NxF).astype(self.b_RxF.dtype) if need.b_RxF else None
         dx_NxD = jnp.einsum("nr,dr->nd", dh_NxR, self.a_DxR.astype(dtype)) if input_grad else None
         return dx_NxD, LowRankDelta(d_a, d_b, d_gain)
@@ -130,8 +133,8 @@ class BlockDelta:
         dh_NxnxR = jnp.einsum("mnf,nrf->mnr", dy_NxnxFn, self.b_NxRxFn.astype(dtype))
         d_gain = jnp.sum(h_NxnxR * dh_NxnxR, axis=0).astype(self.gain_NxR.dtype) if need.gain_NxR else None
         dh_NxnxR = dh_NxnxR * gain_NxR
-        d_a = (jnp.einsum("mnr,mnd->nrd", dh_NxnxR, x_NxnxDn).transpose(0, 2, 1).astype(self.a_NxDnxR.dtype)
-               if need.a_NxDnxR else None)
+        d_a = (jax.lax.optimization_barrier(jnp.einsum("mnr,mnd->nrd", dh_NxnxR, x_NxnxDn)).transpose(0, 2, 1)
+               .astype(self.a_NxDnxR.dtype) if need.a_NxDnxR else None)
         d_b = (jnp.einsum("mnr,mnf->nrf", h_NxnxR * gain_NxR, dy_NxnxFn).astype(self.b_NxRxFn.dtype)
                if need.b_NxRxFn else None)
         if not input_grad:
