@@ -387,11 +387,12 @@ PRUNE_VARIANTS = {
     "merge_prune_component": {"granularity": "component"},
     "merge_prune_global": {"scope": "global"},
     "merge_prune_layer": {"scope": "layer"},
+    "merge_prune_coef_lr_3e-1": {},
     "merge_prune_coef_lr_1e-1": {},
     "merge_prune_coef_lr_1e-3": {},
 }
-# The merge coefficients' learning rate (1e-2 unless named): the pruning defaults with 10x more and 10x less.
-COEFFICIENT_LR = {"merge_prune_coef_lr_1e-1": 1e-1, "merge_prune_coef_lr_1e-3": 1e-3}
+# The merge coefficients' learning rate (1e-2 unless named): the pruning defaults with 30x and 10x more, 10x less.
+COEFFICIENT_LR = {"merge_prune_coef_lr_3e-1": 3e-1, "merge_prune_coef_lr_1e-1": 1e-1, "merge_prune_coef_lr_1e-3": 1e-3}
 
 
 def merge_section(method: str, source_dirs: list[str]) -> dict[str, Any]:
