@@ -392,12 +392,13 @@ PRUNE_VARIANTS = {
     "merge_prune_coef_lr_1e-3": {},
 }
 # The merge coefficients' learning rate (1e-2 unless named): the pruning defaults with 30x and 10x more, 10x less.
-COEFFICIENT_LR = {"merge_prune_coef_lr_3e-1": 3e-1, "merge_prune_coef_lr_1e-1": 1e-1, "merge_prune_coef_lr_1e-3": 1e-3}
+COEFFICIENT_LR = {"merge_prune_coef_lr_3e-1": 3e-1, "merge_prune_coef_lr_1e-1": 1e-1, "merge_prune_coef_lr_1e-3": 1e-3,
+                  "coef_only_coef_lr_1e-1": 1e-1}
 
 
 def merge_section(method: str, source_dirs: list[str]) -> dict[str, Any]:
     merge: dict[str, Any] = {"task_adapters": source_dirs, "granularity": "task_layer"}
-    if method == "coef_only":
+    if method.startswith("coef_only"):
         merge.update(train_factors=False, pruning={"enabled": False})
     elif method == "merge_noprune":
         merge.update(pruning={"enabled": False})
@@ -458,7 +459,7 @@ def plan_units(targets, settings, methods, ns, seeds) -> list[Unit]:
                         units.append(Unit(target, "-", m, n, seed))
                 for setting in settings:
                     for m in methods:
-                        if m == "lorahub" or m == "coef_only" or m.startswith("merge_"):
+                        if m == "lorahub" or m.startswith(("coef_only", "merge_")):
                             units.append(Unit(target, setting, m, n, seed))
     return units
 

@@ -23,7 +23,7 @@ REAL_SECTION = "## Paper table on a real LLM: SmolLM2-135M-Instruct (issue 19)"
 DEFAULT_METHODS = ("base", "lora", "melora", "static_exact", "static_linear", "static_ties", "static_dare_ties",
                    "lorahub", "coef_only", "merge_noprune", "merge_prune", "merge_prune_magnitude",
                    "merge_prune_component", "merge_prune_global", "merge_prune_layer")  # a grid without --methods
-ALL_METHODS = DEFAULT_METHODS + ("merge_prune_coef_lr_3e-1", "merge_prune_coef_lr_1e-1",
+ALL_METHODS = DEFAULT_METHODS + ("coef_only_coef_lr_1e-1", "merge_prune_coef_lr_3e-1", "merge_prune_coef_lr_1e-1",
                                   "merge_prune_coef_lr_1e-3")  # a sweep names these
 METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "reference_loss")
 LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU",
