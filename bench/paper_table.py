@@ -358,6 +358,8 @@ def data_section(name: str, preset: Preset, data_dir: Path, **extra: Any) -> dic
 
 def train_config(out: Path, base: Path, data: dict, adapter: dict, steps: int, seed: int, lr: float,
                  merge: dict | None = None, coefficient_lr: float = 1e-2) -> Any:
+    """A unit's training config. ``coefficient_lr``: 1e-2, the library default when the real grid began (kept
+    so that every unit of a grid has one budget; the ``*_coef_lr_*`` methods vary it)."""
     from lora_merge_jax import config
     from lora_merge_jax.training.config import TrainConfig
 
