@@ -1,8 +1,8 @@
 """The optimizer: AdamW with warmup and decay, clipping, and parameter groups.
 
 Trainable adapter fields are grouped by name: ``coefficients`` (merge coefficients) may have their own
-learning rate (``coefficient_learning_rate``, default 1e-1) and no weight decay; every other field (LoRA factors) is a ``factors`` group whose weight
-decay applies to matrices only. Groups are built with ``optax.partition``, so the optimizer state exists
+learning rate (``coefficient_learning_rate``, default 1e-1) and no weight decay; every other field (LoRA
+factors) is a ``factors`` group whose weight decay applies to matrices only. Groups are built with ``optax.partition``, so the optimizer state exists
 only for the trainable tree it is initialised with.
 """
 
