@@ -525,8 +525,7 @@ def scorer_version() -> str:
 class Study:
     """Trains and evaluates units against one base model, caching what units share (model, sources, data)."""
 
-    def __init__(self, preset: Preset, base: Path, data_dir: Path, out: Path, log, mirror: Mirror,
-                 scorer: str = ""):
+    def __init__(self, preset: Preset, base: Path, data_dir: Path, out: Path, log, mirror: Mirror, scorer: str):
         self.preset, self.base, self.data_dir, self.out, self.log, self.mirror = (preset, base, data_dir, out, log,
                                                                                   mirror)
         self.scorer = scorer  # scorer_version() of the code this process imported
@@ -887,16 +886,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     study = Study(preset, base, data_dir, out, log, mirror, scorer)
     records = [finished_record(out, mirror, u, tag) for u in units]
     done = [r is not None and (not args.rescore or r.get("scored_by") == scorer) for r in records]
-    log(f"{len(units)} units, {sum(done)} done already" + ("" if mirror.root is None else
-                                                          f" (mirror {mirror.directory})")
-        + (f"; scoring code {scorer}: {sum(r is not None and not d for r, d in zip(records, done))} to rescore"
-           if args.rescore else ""))
     # --rescore only scores again: units without scores are left to a run without it
     pending = [i for i, r in enumerate(records) if not done[i] and not (args.rescore and r is None)]
+    log(f"{len(units)} units, {sum(done)} done already" + ("" if mirror.root is None else
+                                                          f" (mirror {mirror.directory})")
+        + (f"; scoring code {scorer}: {len(pending)} to rescore" if args.rescore else ""))
     spent: list[float] = []
-    for i, unit in enumerate(units, 1):
-        if i - 1 not in pending:
-            continue
+    for index in pending:
+        i, unit = index + 1, units[index]
         t0, sources_before = time.perf_counter(), study.source_seconds
         if stage != "evaluate":
             study.train(unit)
@@ -908,7 +905,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log(f"[{i}/{len(units)}] {unit.slug}: no saved adapter (not trained, or runs/ lost), not scored")
             continue
         record = study.evaluate(unit, args.eval_file)
-        done[i - 1] = True
+        done[index] = True
         spent.append(time.perf_counter() - t0 - (study.source_seconds - sources_before))
         left = sum(not done[j] for j in pending)
         s = record["scores"]

@@ -2,8 +2,8 @@
 
 Trainable adapter fields are grouped by name: ``coefficients`` (merge coefficients) may have their own
 learning rate (``coefficient_learning_rate``, default 1e-1) and no weight decay; every other field (LoRA
-factors) is a ``factors`` group whose weight decay applies to matrices only. Groups are built with ``optax.partition``, so the optimizer state exists
-only for the trainable tree it is initialised with.
+factors) is a ``factors`` group whose weight decay applies to matrices only. Groups are built with
+``optax.partition``, so the optimizer state exists only for the trainable tree it is initialised with.
 """
 
 from __future__ import annotations
