@@ -139,6 +139,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results["load_before"]["ours"] = os.getloadavg()[0]
         results["ours"] = ours(gguf, data_values(args.data_dir, args.examples, True), Path(tmp) / "run")
+    if args.out:  # ours alone, in case the (longer) PEFT half is stopped
+        args.out.write_text(json.dumps(results, indent=2))
     results["load_before"]["peft"] = os.getloadavg()[0]
     results["peft"] = peft_epoch(gguf, data_values(args.data_dir, args.examples, False))
     o, p = results["ours"], results["peft"]

@@ -117,3 +117,28 @@ def test_packing_iterator_covers_each_epoch_once_and_resumes_exactly(rng):
         TrainIterator(examples, cfg, 0).restore({**saved, "packing": 0})
     unpacked = TrainIterator(examples, dataclasses.replace(cfg, packing=False), 0)
     assert unpacked.steps_per_epoch > steps  # packing takes fewer, fuller batches
+
+
+def test_pack_length_makes_shorter_rows_and_a_long_example_sits_alone(rng):
+    examples = _examples(rng, 40, 100, low=5, high=30)
+    long_one = len(examples) // 2
+    ids = rng.integers(3, 100, size=50).astype(np.int32)
+    examples[long_one] = TokenizedExample(ids, np.r_[np.zeros(44, np.int32), np.ones(6, np.int32)])
+    cfg = DataConfig(max_length=64, max_target_length=8, batch_size=4, packing=True, pack_length=40,
+                     length_buckets=(40,))
+    it = TrainIterator(examples, cfg, 0)
+    rows = it._epoch_rows(0)
+    lengths = [sum(len(examples[i].input_ids) for i in r) for r in rows]
+    alone = [r for r in rows if long_one in r]
+    assert alone == [[long_one]], alone  # 50 tokens: over pack_length, so nothing joins it
+    assert all(n <= 40 for r, n in zip(rows, lengths) if r != [long_one]), lengths
+    shapes = {next(it)["input_ids"].shape[1] for _ in range(it.steps_per_epoch)}
+    assert shapes <= {40, 64} and 40 in shapes  # rows padded to the bucket of the batch's longest row
+    assert it.packed_target_tokens >= max(int(e.target_mask.sum()) for e in examples)
+    saved = it.state()
+    with pytest.raises(ValueError, match="pack_length=40, this iterator has 64"):
+        TrainIterator(examples, dataclasses.replace(cfg, pack_length=None), 0).restore(saved)
+    older = {k: v for k, v in saved.items() if k != "pack_length"} | {"batch_index": 0}  # before pack_length
+    TrainIterator(examples, dataclasses.replace(cfg, pack_length=None), 0).restore(older)
+    with pytest.raises(ValueError, match=r"need 0 < pack_length \(65\) <= max_length \(64\)"):
+        dataclasses.replace(cfg, pack_length=65)

@@ -7,12 +7,14 @@ is dropped (every step has the same global batch size). The iterator's position 
 ``{"epoch", "batch_index", ...}`` that goes into a checkpoint.
 
 Packing (``packing: true``). Each epoch's shuffled examples are placed, first fit, into rows of at most
-``max_length`` tokens, and batches are made of rows instead of examples. A row carries ``segment_ids``
-(1, 2, ... per example, 0 on padding), so attention never crosses examples, and ``positions`` restarting at
-0 in each example; the loss stays on each example's own target tokens. A row also holds at most
-``packed_target_tokens`` target tokens (4x the longest single target), the bound the train step's
-target-only LM head is built for. The rows of an epoch depend only on its order, so a restored iterator
-packs them again identically.
+``pack_length`` tokens (default ``max_length``; an example longer than that gets a row of its own), and
+batches are made of rows instead of examples, padded like examples to the bucket of their longest row. A row
+carries ``segment_ids`` (1, 2, ... per example, 0 on padding), so attention never crosses examples, and
+``positions`` restarting at 0 in each example; the loss stays on each example's own target tokens. A row
+also holds at most ``packed_target_tokens`` target tokens, the bound the train step's target-only LM head is
+built for (see there). The rows of an epoch depend only on its order, so a restored iterator packs them
+again identically. Attention still costs a full causal square per row, so shorter rows (``pack_length``
+near a few times the typical example) are cheaper when most examples are short.
 
 Multi-host. Every host tokenises the whole (small) data set and computes the same order, so all hosts agree
 on each global batch and its padded length; host p of P returns rows ``[p * B/P, (p + 1) * B/P)`` of it,
@@ -107,7 +109,8 @@ def pad_packed(rows: Sequence[Sequence[TokenizedExample]], length: int, pad_id: 
 def pack(order: Sequence[int], lengths: np.ndarray, targets: np.ndarray, max_length: int,
          max_targets: int) -> list[list[int]]:
     """First-fit packing of examples, taken in ``order``, into rows of at most ``max_length`` tokens and
-    ``max_targets`` target tokens; returns each row's example indices, rows in order of creation."""
+    ``max_targets`` target tokens (an example over either fills a row alone); returns each row's example
+    indices, rows in order of creation."""
     rows: list[list[int]] = []
     room, target_room = [], []  # per row: tokens and target tokens still free
     for i in order:
@@ -163,9 +166,18 @@ class TrainIterator:
         self._packed_epoch, self._packed = -1, []  # the packed rows of one epoch, made on demand
 
     @property
+    def pack_length(self) -> int:
+        """The tokens a packed row holds (``pack_length``, default ``max_length``)."""
+        return self.cfg.pack_length or self.cfg.max_length
+
+    @property
     def packed_target_tokens(self) -> int:
-        """The most target tokens a packed row may hold: 4x the longest single target (at most max_length)."""
-        return min(self.cfg.max_length, 4 * int(self._targets.max(initial=0)))
+        """The most target tokens a packed row may hold: twice what a full row holds on average (the data's
+        share of target tokens), never less than the longest single target. The LM head runs on this many
+        positions per row, so a loose bound costs compute; a tight one leaves rows shorter."""
+        share = self._targets.sum() / max(int(self._lengths.sum()), 1)
+        expected = 2 * int(np.ceil(self.pack_length * share))
+        return max(int(self._targets.max(initial=0)), min(self.pack_length, expected))
 
     @property
     def max_target_tokens(self) -> int:
@@ -184,7 +196,8 @@ class TrainIterator:
 
     def _identity(self) -> dict[str, int]:
         return {"shuffle_seed": self.cfg.shuffle_seed, "num_examples": len(self.examples),
-                "batch_size": self.cfg.batch_size, "packing": int(self.cfg.packing)}
+                "batch_size": self.cfg.batch_size, "packing": int(self.cfg.packing),
+                "pack_length": self.pack_length if self.cfg.packing else 0}
 
     def state(self) -> dict[str, int]:
         """The position of the next batch, plus what it is only valid for; plain ints, for checkpoints."""
@@ -192,8 +205,10 @@ class TrainIterator:
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Continues from a ``state()``; refuses one saved for a different data set, seed or batch size."""
+        packed = int(state.get("packing", 0))  # states saved before packing existed have neither key
+        older = {"packing": 0, "pack_length": self.cfg.max_length if packed else 0}  # nor this one, before pack_length
         for key, value in self._identity().items():
-            saved = int(state.get(key, 0)) if key == "packing" else int(state[key])  # older states: no packing
+            saved = int(state[key]) if key in state or key not in older else older[key]
             if saved != value:
                 raise ValueError(f"iterator state has {key}={saved}, this iterator has {value}")
         steps = self.steps_in_epoch(int(state["epoch"]))
@@ -211,7 +226,7 @@ class TrainIterator:
     def _epoch_rows(self, epoch: int) -> list[list[int]]:
         if epoch != self._packed_epoch:
             self._packed_epoch = epoch
-            self._packed = pack(self.epoch_order(epoch), self._lengths, self._targets, self.cfg.max_length,
+            self._packed = pack(self.epoch_order(epoch), self._lengths, self._targets, self.pack_length,
                                 self.packed_target_tokens)
         return self._packed
 

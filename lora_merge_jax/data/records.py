@@ -68,6 +68,7 @@ class DataConfig:
     max_eval_examples: int | None = None  # keep the first N usable evaluation records, in file order
     on_overlong: str = "truncate_input"  # example over max_length: "truncate_input" | "skip" | "error"
     packing: bool = False  # training rows hold several examples (kept apart by segment ids), fewer pad tokens
+    pack_length: int | None = None  # tokens a packed row holds (default max_length); a longer example sits alone
 
     def __post_init__(self) -> None:
         for name in ("length_buckets", "prompt_fields"):  # YAML gives lists
@@ -83,6 +84,8 @@ class DataConfig:
         if buckets != sorted(set(buckets)) or not all(0 < b <= self.max_length for b in buckets):
             raise ValueError(f"length_buckets must rise strictly, each in 1..max_length={self.max_length}: "
                              f"{buckets}")
+        if self.pack_length is not None and not 0 < self.pack_length <= self.max_length:
+            raise ValueError(f"need 0 < pack_length ({self.pack_length}) <= max_length ({self.max_length})")
         for name in ("batch_size", "max_examples", "max_eval_examples"):
             value = getattr(self, name)
             if value is not None and value <= 0:
