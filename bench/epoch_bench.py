@@ -18,7 +18,7 @@ Both report real (non-pad) tokens per second: the tokens of the examples each tr
 The two run back to back in one process (ours first), with the machine's load printed before each; ours is
 written to ``--out`` before PEFT starts. ``--peft-steps N`` runs PEFT on the epoch's first N batches only
 and extrapolates its epoch: load time + step loop x (the epoch's padded tokens / those of the N batches),
-since a step's time follows its padded tokens; a random half of the epoch measures the same rate.
+since a step's time follows its padded tokens (the first N batches of a shuffled epoch are a random sample).
 ``--systems peft`` runs PEFT alone and takes ours from an earlier ``--out`` of the same settings.
 
     python bench/epoch_bench.py --examples 128 --out epoch_bench.json     # a part of the epoch
@@ -107,12 +107,12 @@ def peft_epoch(gguf: Path, data: dict, max_steps: int | None) -> dict:
     pad = pad_token_id(tokenizer)
     steps = len(order) // BATCH
     batches = [[examples[i] for i in order[step * BATCH:(step + 1) * BATCH]] for step in range(steps)]
-    padded = [BATCH * max(len(e.input_ids) for e in chunk) for chunk in batches]
+    lengths = [max(len(e.input_ids) for e in chunk) for chunk in batches]  # each batch padded to its longest
+    padded = [BATCH * length for length in lengths]
     run = steps if max_steps is None else min(steps, max_steps)
     real_tokens, losses = 0, []
     loop_start = time.perf_counter()
-    for step, chunk in enumerate(batches[:run]):
-        length = max(len(e.input_ids) for e in chunk)
+    for step, (chunk, length) in enumerate(zip(batches[:run], lengths)):
         ids = torch.full((BATCH, length), pad, dtype=torch.long)
         mask = torch.zeros((BATCH, length), dtype=torch.long)
         labels = torch.full((BATCH, length), -100, dtype=torch.long)
