@@ -142,3 +142,6 @@ def test_pack_length_makes_shorter_rows_and_a_long_example_sits_alone(rng):
     TrainIterator(examples, dataclasses.replace(cfg, pack_length=None), 0).restore(older)
     with pytest.raises(ValueError, match=r"need 0 < pack_length \(65\) <= max_length \(64\)"):
         dataclasses.replace(cfg, pack_length=65)
+    dataclasses.replace(cfg, pack_length=65, packing=False)  # unpacked, pack_length is unused: no error
+    with pytest.raises(ValueError, match=r"need 0 < pack_length \(0\)"):
+        dataclasses.replace(cfg, pack_length=0, packing=False)

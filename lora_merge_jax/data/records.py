@@ -84,8 +84,12 @@ class DataConfig:
         if buckets != sorted(set(buckets)) or not all(0 < b <= self.max_length for b in buckets):
             raise ValueError(f"length_buckets must rise strictly, each in 1..max_length={self.max_length}: "
                              f"{buckets}")
-        if self.pack_length is not None and not 0 < self.pack_length <= self.max_length:
-            raise ValueError(f"need 0 < pack_length ({self.pack_length}) <= max_length ({self.max_length})")
+        if self.pack_length is not None:
+            # Bounded by max_length only when packing: a preset's pack_length must not stop a run that lowers
+            # max_length and trains unpacked.
+            if self.pack_length <= 0 or (self.packing and self.pack_length > self.max_length):
+                raise ValueError(f"need 0 < pack_length ({self.pack_length}) <= max_length ({self.max_length}) "
+                                 "when packing")
         for name in ("batch_size", "max_examples", "max_eval_examples"):
             value = getattr(self, name)
             if value is not None and value <= 0:
