@@ -104,11 +104,13 @@ def _group_weight(names: tuple[str, ...], w: LayerWeights, deltas: dict[str, Del
 
 
 def _project_group(names: tuple[str, ...], x_BxTxD: Array, w: LayerWeights, deltas: dict[str, Delta],
-                   dropout: float, rng: Array | None, merge: bool) -> tuple[list[Array], dict[str, Array]]:
+                   dropout: float, rng: Array | None, merge: bool, keep_ranks: bool = True
+                   ) -> tuple[list[Array], dict[str, Array]]:
     """x @ W (+ bias) (+ the adapter's delta) of several projections of one input, as one product when there
-    are several: ([B, T, F] per projection, the adapters' rank activations by name)."""
+    are several: ([B, T, F] per projection, the adapters' rank activations by name). ``keep_ranks=False``
+    (nothing differentiates): a merged adapter's rank activations are not computed (no extra columns)."""
     b, t, _ = x_BxTxD.shape
-    weight, widths = _group_weight(names, w, deltas, merge, x_BxTxD.dtype)
+    weight, widths = _group_weight(names, w, deltas, merge, x_BxTxD.dtype, with_down=keep_ranks)
     y_NxF = jnp.einsum("nd,df->nf", tokens_first(x_BxTxD), weight)
     outs, ranks, start = [], {}, 0
     for name, width in zip(names, widths):
@@ -121,7 +123,7 @@ def _project_group(names: tuple[str, ...], x_BxTxD: Array, w: LayerWeights, delt
             y = y + deltas[name].up(ranks[name]).astype(y.dtype)
         outs.append(y.reshape(b, t, width))
     for name in names:
-        if name in deltas and merge:
+        if name in deltas and merge and keep_ranks:
             size = int(np.prod(deltas[name].rank_shape))
             ranks[name] = y_NxF[:, start:start + size].reshape(-1, *deltas[name].rank_shape)
             start += size
@@ -269,46 +271,54 @@ def _cached_layer(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dic
     """One decoder layer that nothing differentiates through a hand-written backward: with a cache, or on
     cuDNN's fused attention. The new keys/values go into ``cache_kv`` at slots [cache_index, cache_index + T):
     the whole stacked [L, B, S, K, Hd] cache at ``layer_index``, or this layer's own head-major [B, K, S, Hd]
-    cache when ``layer_index`` is None (``decode_unstacked``)."""
+    cache when ``layer_index`` is None (``decode_unstacked``).
+
+    A prompt's prefill (T == S slots from slot 0) is a causal square like training's forward: queries in causal
+    chunks against their own keys, and q/k/v and gate/up as one product each (a decode step, T = 1, keeps one
+    product per projection: grouping would concatenate the weights in every step)."""
     b, t, _ = x_BxTxD.shape
     h, kv, hd = spec.heads, spec.kv_heads, spec.head_dim
+    slots = None if cache_kv is None else cache_kv[0].shape[2]  # S of [L, B, S, K, Hd] and of [B, K, S, Hd]
+    square = slots is None or (isinstance(cache_index, int) and cache_index == 0 and t == slots)
     mask_BxTxS = base_mask_BxTxS & ((window == 0) | (distance_TxS < window))[None]
-    # One product per projection: grouping them would concatenate the weights in every decode step.
-    group = functools.partial(_project_group, w=w, deltas=deltas, dropout=spec.dropout, rng=rng, merge=False)
-    project = lambda name, x: group((name,), x)[0][0]  # noqa: E731
+    group = functools.partial(_project_group, w=w, deltas=deltas, dropout=spec.dropout, rng=rng,
+                              merge=spec.merge and t > 1, keep_ranks=False)
+    if t > 1:
+        projections = lambda names, x: group(names, x)[0]  # noqa: E731
+    else:
+        projections = lambda names, x: [group((name,), x)[0][0] for name in names]  # noqa: E731
     y = _rms_norm(x_BxTxD, w.attn_norm_LxD, spec.eps)
-    q = project("q_proj", y).reshape(b, t, h, hd)
-    k = project("k_proj", y).reshape(b, t, kv, hd)
-    v = project("v_proj", y).reshape(b, t, kv, hd)
-    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    q, k, v = projections(_QKV, y)
+    q, k = _rope(q.reshape(b, t, h, hd), cos, sin), _rope(k.reshape(b, t, kv, hd), cos, sin)
+    v = v.reshape(b, t, kv, hd)
     if cache_kv is not None:
         k_cache, v_cache = cache_kv
         if layer_index is None:  # this layer's head-major [B, K, S, Hd] cache (``unstack_cache``)
             start = (0, 0, cache_index, 0)
             k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
-            attn_BxTxHHd = attention_head_major(q, k_cache.astype(x_BxTxD.dtype), v_cache.astype(x_BxTxD.dtype),
-                                                mask_BxTxS)
-            cache_kv = (k_cache, v_cache)
+            if not square:
+                attn_BxTxHHd = attention_head_major(q, k_cache.astype(x_BxTxD.dtype),
+                                                    v_cache.astype(x_BxTxD.dtype), mask_BxTxS)
         else:
             # The whole [L, B, S, K, Hd] cache is the scan's carry, written in place at this layer's
             # slots; passing per-layer slices as xs/ys instead copies the full cache several times a step.
             start = (layer_index, 0, cache_index, 0, 0)
             k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], start)
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], start)
-            k = jax.lax.dynamic_index_in_dim(k_cache, layer_index, 0, keepdims=False).astype(x_BxTxD.dtype)
-            v = jax.lax.dynamic_index_in_dim(v_cache, layer_index, 0, keepdims=False).astype(x_BxTxD.dtype)
-            cache_kv = (k_cache, v_cache)
-            attn_BxTxHHd = attention(q, k, v, mask_BxTxS, causal_square=False)
-    else:
+            if not square:
+                k = jax.lax.dynamic_index_in_dim(k_cache, layer_index, 0, keepdims=False).astype(x_BxTxD.dtype)
+                v = jax.lax.dynamic_index_in_dim(v_cache, layer_index, 0, keepdims=False).astype(x_BxTxD.dtype)
+                attn_BxTxHHd = attention(q, k, v, mask_BxTxS, causal_square=False)
+        cache_kv = (k_cache, v_cache)
+    if square:  # the new keys are the cache's only ones: attend to them directly
         attn_BxTxHHd = attention(q, k, v, mask_BxTxS, causal_square=True)
-    x_BxTxD = x_BxTxD + project("o_proj", attn_BxTxHHd)
-
+    (o,) = projections(_O, attn_BxTxHHd)
+    x_BxTxD = x_BxTxD + o
     y = _rms_norm(x_BxTxD, w.mlp_norm_LxD, spec.eps)
-    gate = _ACTIVATIONS[spec.act](project("gate_proj", y))
-    up = project("up_proj", y)
-    x_BxTxD = x_BxTxD + project("down_proj", gate * up)
-    return x_BxTxD, cache_kv
+    gate, up = projections(_GATE_UP, y)
+    (down,) = projections(_DOWN, _ACTIVATIONS[spec.act](gate) * up)
+    return x_BxTxD + down, cache_kv
 
 
 def _prepare(cfg: ModelConfig, weights: Weights, input_ids_BxT: Array, s: int, cached: bool,
