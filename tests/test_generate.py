@@ -169,8 +169,8 @@ def test_unstacked_decode_steps_equal_the_stacked_scan(llama_checkpoint, rng):
                                                      positions_Bx1)
         np.testing.assert_allclose(np.asarray(unstacked), np.asarray(stacked), rtol=1e-5, atol=1e-5,
                                    err_msg=f"decode step {step}")
-    for layer, (k_BxKxSxHd, v_BxKxSxHd) in enumerate(caches):
-        np.testing.assert_allclose(np.asarray(k_BxKxSxHd), np.asarray(cache.k_LxBxSxKxHd[layer]).transpose(0, 2, 1, 3),
+    for layer, (k_BxKxHdxS, v_BxKxSxHd) in enumerate(caches):
+        np.testing.assert_allclose(np.asarray(k_BxKxHdxS), np.asarray(cache.k_LxBxSxKxHd[layer]).transpose(0, 2, 3, 1),
                                    rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(v_BxKxSxHd), np.asarray(cache.v_LxBxSxKxHd[layer]).transpose(0, 2, 1, 3),
                                    rtol=1e-5, atol=1e-5)

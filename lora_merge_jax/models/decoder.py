@@ -270,15 +270,15 @@ def _cached_layer(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dic
                   ) -> tuple[Array, tuple[Array, Array] | None]:
     """One decoder layer that nothing differentiates through a hand-written backward: with a cache, or on
     cuDNN's fused attention. The new keys/values go into ``cache_kv`` at slots [cache_index, cache_index + T):
-    the whole stacked [L, B, S, K, Hd] cache at ``layer_index``, or this layer's own head-major [B, K, S, Hd]
-    cache when ``layer_index`` is None (``decode_unstacked``).
+    the whole stacked [L, B, S, K, Hd] cache at ``layer_index``, or this layer's own head-major cache (keys
+    [B, K, Hd, S], values [B, K, S, Hd]) when ``layer_index`` is None (``decode_unstacked``).
 
     A prompt's prefill (T == S slots from slot 0) is a causal square like training's forward: queries in causal
     chunks against their own keys, and q/k/v and gate/up as one product each (a decode step, T = 1, keeps one
     product per projection: grouping would concatenate the weights in every step)."""
     b, t, _ = x_BxTxD.shape
     h, kv, hd = spec.heads, spec.kv_heads, spec.head_dim
-    slots = None if cache_kv is None else cache_kv[0].shape[2]  # S of [L, B, S, K, Hd] and of [B, K, S, Hd]
+    slots = None if cache_kv is None else cache_kv[1].shape[2]  # S of the values' [L, B, S, K, Hd] or [B, K, S, Hd]
     square = slots is None or (isinstance(cache_index, int) and cache_index == 0 and t == slots)
     mask_BxTxS = base_mask_BxTxS & ((window == 0) | (distance_TxS < window))[None]
     group = functools.partial(_project_group, w=w, deltas=deltas, dropout=spec.dropout, rng=rng,
@@ -293,10 +293,11 @@ def _cached_layer(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dic
     v = v.reshape(b, t, kv, hd)
     if cache_kv is not None:
         k_cache, v_cache = cache_kv
-        if layer_index is None:  # this layer's head-major [B, K, S, Hd] cache (``unstack_cache``)
-            start = (0, 0, cache_index, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
+        if layer_index is None:  # this layer's head-major cache (``unstack_cache``)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype),
+                                                   (0, 0, 0, cache_index))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
+                                                   (0, 0, cache_index, 0))
             if not square:
                 attn_BxTxHHd = attention_head_major(q, k_cache.astype(x_BxTxD.dtype),
                                                     v_cache.astype(x_BxTxD.dtype), mask_BxTxS)
@@ -454,9 +455,9 @@ def unstack_layers(weights: Weights, deltas: dict[str, Delta] | None, fold: bool
 
 
 def unstack_cache(cache: KVCache) -> tuple[tuple[Array, Array], ...]:
-    """A stacked [L, B, S, K, Hd] cache as one head-major (keys, values) pair of [B, K, S, Hd] per layer."""
-    head_major = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
-    return tuple((head_major(cache.k_LxBxSxKxHd[i]), head_major(cache.v_LxBxSxKxHd[i]))
+    """A stacked [L, B, S, K, Hd] cache as one head-major pair per layer: keys [B, K, Hd, S], values
+    [B, K, S, Hd] (what ``attention.attention_head_major`` reads)."""
+    return tuple((cache.k_LxBxSxKxHd[i].transpose(0, 2, 3, 1), cache.v_LxBxSxKxHd[i].transpose(0, 2, 1, 3))
                  for i in range(cache.k_LxBxSxKxHd.shape[0]))
 
 
@@ -467,7 +468,7 @@ def decode_unstacked(cfg: ModelConfig, weights: Weights, layers: UnstackedLayers
     ``unstack_cache``'s per-layer caches, the layers unrolled: final normed hidden states [B, T, D] and the
     caches with the new keys/values at slots [cache_index, cache_index + T). For decode steps (T = 1), where
     reading the weights is the work; prefill keeps the scan, whose slices are cheap next to its products."""
-    s = caches[0][0].shape[2]
+    s = caches[0][1].shape[2]  # the values' [B, K, S, Hd]
     x_BxTxD, spec, (base_mask_BxTxS, distance_TxS, cos, sin) = _prepare(
         cfg, weights, input_ids_BxT, s, True, cache_index, attention_mask_BxS, positions_BxT, None,
         compute_dtype, 0.0)
