@@ -56,6 +56,33 @@ def test_fused_path_matches_the_cpu_kernel(kind, rng):
         np.testing.assert_allclose(g_fused, g_ours, atol=TOL * float(np.abs(g_ours).max()), err_msg=name)
 
 
+def test_causal_queries_after_a_cached_prefix_match_the_fused_path(rng):
+    # A prompt's rest after a shared prefix: T = 80 queries at the last of S = 112 slots, in causal chunks that
+    # each end at their last query's slot; the prefix (and left padding in row 1) is seen by every query.
+    prefix = 32
+    q, k, v, d_out = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                      for s in ((B, T, H, HD), (B, prefix + T, K, HD), (B, prefix + T, K, HD), (B, T, H * HD)))
+    slots_T, keys_S = prefix + np.arange(T), np.arange(prefix + T)
+    valid = np.ones((B, prefix + T), bool)
+    valid[1, prefix:prefix + 9] = False
+    mask = jnp.asarray((keys_S[None, :] <= slots_T[:, None])[None] & valid[:, None, :])
+    assert attention_lib._chunks(T, prefix + T, True)[0] == (0, 64, prefix + 64)
+
+    def loss(fn, q, k, v):
+        out = fn(q, k, v, mask, True)
+        return jnp.sum(out * d_out), out
+
+    ours = jax.value_and_grad(lambda *a: loss(attention_lib.attention, *a), argnums=(0, 1, 2), has_aux=True)
+    fused = jax.value_and_grad(
+        lambda *a: loss(lambda *b: attention_lib.fused_attention(*b, implementation="xla"), *a),
+        argnums=(0, 1, 2), has_aux=True)
+    (_, out_ours), grads_ours = jax.jit(ours)(q, k, v)
+    (_, out_fused), grads_fused = jax.jit(fused)(q, k, v)
+    np.testing.assert_allclose(out_fused, out_ours, atol=TOL * float(np.abs(out_ours).max()))
+    for name, g_fused, g_ours in zip("qkv", grads_fused, grads_ours):
+        np.testing.assert_allclose(g_fused, g_ours, atol=TOL * float(np.abs(g_ours).max()), err_msg=name)
+
+
 def test_cpu_and_float32_never_take_the_fused_kernel():
     assert not attention_lib.uses_fused_kernel(jnp.float32)
     if jax.default_backend() != "gpu":

@@ -176,6 +176,31 @@ def test_unstacked_decode_steps_equal_the_stacked_scan(llama_checkpoint, rng):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_shared_prefix_is_prefilled_once_and_matches_transformers(sharp_llama, rng):
+    # Prompts that share 37 leading tokens (as a chat template's system turn): 32 of them go through the model
+    # once and are copied to every row; greedy and beam results equal transformers', logits the unshared run's.
+    hf, model, _ = sharp_llama
+    head = [1] + rng.integers(3, 128, 36).tolist()
+    prompts = [head + rng.integers(3, 128, n).tolist() for n in (1, 9, 4)]
+    assert gen.shared_prefix_length(prompts) == 32
+    eos = _frequent_token(model, prompts)
+    shared = gen.generate_detailed(model, prompts, max_new_tokens=NEW_TOKENS, eos_token_ids=[eos],
+                                   output_logits=True)
+    assert shared.tokens == _hf_generate(hf, prompts, eos=eos)
+    plain = gen.generate_detailed(model, prompts, max_new_tokens=NEW_TOKENS, eos_token_ids=[eos],
+                                  output_logits=True, share_prefix=False)
+    assert plain.tokens == shared.tokens
+    for ours, reference in zip(shared.logits, plain.logits):
+        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+    beams = gen.generate(model, prompts, max_new_tokens=NEW_TOKENS, eos_token_ids=[eos], method="beam", num_beams=3)
+    assert beams == _hf_generate(hf, prompts, eos=eos, num_beams=3)
+    assert gen.shared_prefix_length([head[:20] + [5], head[:20] + [6]]) == 16  # 20 in common: cut to 16
+    assert gen.shared_prefix_length([head, head]) == 32  # identical: each keeps a token of its own (36 -> 32)
+    assert gen.shared_prefix_length([head[:17], head[:17]]) == 16
+    assert gen.shared_prefix_length([head[:16], head[:16]]) == 0  # 15 may be shared: under 16
+    assert gen.shared_prefix_length([head]) == 0
+
+
 def test_prompts_in_one_bucket_compile_once(sharp_llama):
     _, model, _ = sharp_llama
     kwargs = dict(max_new_tokens=NEW_TOKENS, prompt_bucket=16)

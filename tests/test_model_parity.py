@@ -100,7 +100,7 @@ def test_causal_chunked_attention_gradients_match_jax(length, rng):
     mask = np.tril(np.ones((length, length), bool))[None] & valid[:, None, :]
 
     def ours(q, k, v):
-        return attention_lib.attention(q, k, v, mask, causal_square=True).reshape(b, length, h, hd)
+        return attention_lib.attention(q, k, v, mask, causal=True).reshape(b, length, h, hd)
 
     def reference(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")

@@ -3,7 +3,9 @@
 Design. The host does only bookkeeping: it left-pads the prompts to a *bucketed* length (so prompts of
 lengths 5 and 9 share one compiled program) and pads the batch to a power of two. Everything else runs in
 ONE jitted call per (bucket, settings): a prefill that writes the whole prompt into a slot-indexed
-``KVCache`` (rotary positions ``cumsum(mask) - 1``, as transformers' ``generate`` does for left padding),
+``KVCache`` (rotary positions ``cumsum(mask) - 1``, as transformers' ``generate`` does for left padding; the
+prompts' common leading tokens, such as a chat template's system turn, sit at the first slots of every row
+and are run once for the batch),
 then a ``jax.lax.while_loop`` that decodes one token per iteration and stops as soon as every row has
 produced an end-of-sequence token, or after ``max_new_tokens``. There is no host round trip per token.
 
@@ -57,6 +59,7 @@ class DecodeSettings:
     use_top_p: bool = False  # sampling: nucleus filtering on
     num_beams: int = 4  # beam search width
     output_logits: bool = False  # also return each step's raw logits [B, N, V] (greedy/sample)
+    shared_prefix: int = 0  # every prompt starts with the same this many tokens, at slots [0, shared_prefix)
 
 
 @struct.dataclass
@@ -135,21 +138,36 @@ def _is_eos(tokens: Array, d: DecodeParams) -> Array:
 
 
 def _prefill(cfg: ModelConfig, weights: weights_lib.Weights, deltas: Any, ids_BxP: Array, mask_BxP: Array,
-             cache_len: int, compute_dtype: Any, cache_sharding: NamedSharding) -> tuple[Array, Any, Array, Array]:
-    """Runs the prompt through the model; returns last-position logits, the cache, slot mask, next positions."""
+             cache_len: int, compute_dtype: Any, cache_sharding: NamedSharding,
+             shared_prefix: int = 0) -> tuple[Array, Any, Array, Array]:
+    """Runs the prompt through the model; returns last-position logits, the cache, slot mask, next positions.
+
+    ``shared_prefix``: slots [0, shared_prefix) hold the same tokens in every row; they go through the model
+    once (row 0) and their keys and values are copied to every row, then the rest of the prompts runs
+    against them (a chat template's system turn and an instruction are often a sixth of a prompt)."""
     b, p = ids_BxP.shape
+    dtype = compute_dtype or weights.embed_VxD.dtype
+    positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
     # The prompt attends over its own P slots only: a cache of P slots, padded to ``cache_len`` afterwards (one
     # copy), rather than P queries against all P + N slots, N of them empty, in every layer.
-    cache = weights_lib.init_cache(cfg, b, p, compute_dtype or weights.embed_VxD.dtype)
+    cache = weights_lib.init_cache(cfg, b, p, dtype)
+    if shared_prefix:
+        head = slice(0, shared_prefix)
+        _, prefix = decoder.apply_model(
+            cfg, weights, ids_BxP[:1, head], deltas=deltas, attention_mask_BxS=mask_BxP[:1, head],
+            positions_BxT=positions_BxP[:1, head], cache=weights_lib.init_cache(cfg, 1, shared_prefix, dtype),
+            cache_index=0, compute_dtype=compute_dtype, return_hidden=True)
+        every_row = lambda x: jnp.broadcast_to(x, (x.shape[0], b, *x.shape[2:]))  # noqa: E731
+        cache = jax.tree.map(lambda c, x: c.at[:, :, head].set(every_row(x)), cache, prefix)
     cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
-    positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
-    hidden_BxPxD, cache = decoder.apply_model(
-        cfg, weights, ids_BxP, deltas=deltas, attention_mask_BxS=mask_BxP, positions_BxT=positions_BxP,
-        cache=cache, cache_index=0, compute_dtype=compute_dtype, return_hidden=True)
+    hidden_BxTxD, cache = decoder.apply_model(
+        cfg, weights, ids_BxP[:, shared_prefix:], deltas=deltas, attention_mask_BxS=mask_BxP,
+        positions_BxT=positions_BxP[:, shared_prefix:], cache=cache, cache_index=shared_prefix,
+        compute_dtype=compute_dtype, return_hidden=True)
     slots = ((0, 0), (0, 0), (0, cache_len - p), (0, 0), (0, 0))
     cache = jax.lax.with_sharding_constraint(jax.tree.map(lambda x: jnp.pad(x, slots), cache), cache_sharding)
     mask_BxS = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(mask_BxP)
-    logits_BxV = decoder.lm_logits(weights, hidden_BxPxD[:, -1:])[:, 0]  # never [B, P, V]
+    logits_BxV = decoder.lm_logits(weights, hidden_BxTxD[:, -1:])[:, 0]  # never [B, P, V]
     return logits_BxV, cache, mask_BxS, jnp.sum(mask_BxP, axis=1)
 
 
@@ -207,7 +225,7 @@ def _sample_loop(cfg, s, d, compute_dtype, cache_shardings, weights, adapter, id
     b, p = ids_BxP.shape
     n = s.max_new_tokens
     logits_BxV, cache, mask_BxS, next_pos_B = _prefill(cfg, weights, deltas, ids_BxP, mask_BxP, p + n,
-                                                       compute_dtype, cache_shardings[0])
+                                                       compute_dtype, cache_shardings[0], s.shared_prefix)
     layers, cache = _for_decoding(weights, deltas, cache, compute_dtype)
 
     def select(carry, logits_BxV, step):
@@ -297,7 +315,7 @@ def _beam_loop(cfg, s, d, compute_dtype, cache_shardings, weights, adapter, ids_
     b, p = ids_BxP.shape
     n, nb = s.max_new_tokens, s.num_beams
     logits_BxV, cache, mask_BxS, next_pos_B = _prefill(cfg, weights, deltas, ids_BxP, mask_BxP, p + n,
-                                                       compute_dtype, cache_shardings[0])
+                                                       compute_dtype, cache_shardings[0], s.shared_prefix)
     # Every beam of a prompt starts from the same prefix; rows are prompt-major: row = prompt * nb + beam.
     cache = jax.lax.with_sharding_constraint(jax.tree.map(lambda x: jnp.repeat(x, nb, axis=1), cache),
                                              cache_shardings[1])
@@ -371,12 +389,33 @@ def _default_pad(model: Any, eos: tuple[int, ...]) -> int:
     return 0
 
 
+PREFIX_QUANTUM = 16  # shared prefixes are cut to a multiple of this, so that near-equal ones share a compile
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens ``generate`` prefills once for all ``prompts``: their common prefix, cut to a
+    multiple of ``PREFIX_QUANTUM`` and leaving every prompt at least one token of its own; 0 for fewer than
+    two prompts or a prefix under ``PREFIX_QUANTUM``.
+
+    Example:
+        >>> shared_prefix_length([[1] * 40 + [2], [1] * 40 + [3, 4]])
+        32
+    """
+    if len(prompts) < 2:
+        return 0
+    common = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for prompt in prompts[1:]:
+        common = next((i for i in range(common) if prompt[i] != first[i]), common)
+    return common // PREFIX_QUANTUM * PREFIX_QUANTUM
+
+
 def generate_detailed(model: Any, prompts: Sequence[Sequence[int]], adapter: Any = None, *,
                       max_new_tokens: int = 64, min_new_tokens: int = 0, method: str = "greedy",
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_beams: int = 4,
                       length_penalty: float = 1.0, early_stopping: bool | str = False,
                       eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None, seed: int = 0,
-                      prompt_bucket: int = 64, bucket_batch: bool = True,
+                      prompt_bucket: int = 64, bucket_batch: bool = True, share_prefix: bool = True,
                       output_logits: bool = False) -> Generation:
     """``generate`` (same arguments) that can also return each step's raw logits (greedy/sample only).
 
@@ -408,14 +447,17 @@ def generate_detailed(model: Any, prompts: Sequence[Sequence[int]], adapter: Any
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     sampling = method == "sample"
+    prefix = shared_prefix_length(prompts) if share_prefix else 0
     settings = DecodeSettings(method, max_new_tokens, min_new_tokens, int(top_k) if sampling else 0,
-                              sampling and top_p < 1.0, int(num_beams) if method == "beam" else 0, output_logits)
+                              sampling and top_p < 1.0, int(num_beams) if method == "beam" else 0, output_logits,
+                              prefix)
     params = DecodeParams(
         eos_E=jnp.asarray(eos or (-1,), jnp.int32), pad_token_id=jnp.int32(pad),
         temperature=jnp.float32(temperature), top_p=jnp.float32(top_p), length_penalty=jnp.float32(length_penalty),
         stop_when_full=jnp.bool_(early_stopping is True), never_stop_early=jnp.bool_(early_stopping == "never"))
 
-    length = bucket_length(max(map(len, prompts)), minimum=prompt_bucket)
+    # Row layout: the shared prefix at slots [0, prefix), then each prompt's rest left-padded to the bucket.
+    length = prefix + bucket_length(max(map(len, prompts)) - prefix, minimum=prompt_bucket)
     batch = 1 << (len(prompts) - 1).bit_length() if bucket_batch else len(prompts)
     shards = sharding.batch_shards(model.mesh)
     batch = -(-batch // shards) * shards  # filler rows (inactive) so that the batch axes divide the batch
@@ -423,8 +465,9 @@ def generate_detailed(model: Any, prompts: Sequence[Sequence[int]], adapter: Any
     mask_BxP = np.zeros((batch, length), np.int32)
     mask_BxP[len(prompts):, -1] = 1  # filler rows get one token so that no attention row is fully masked
     for i, prompt in enumerate(prompts):
-        ids_BxP[i, length - len(prompt):] = prompt
-        mask_BxP[i, length - len(prompt):] = 1
+        ids_BxP[i, :prefix], mask_BxP[i, :prefix] = prompt[:prefix], 1
+        ids_BxP[i, length - len(prompt) + prefix:] = prompt[prefix:]
+        mask_BxP[i, length - len(prompt) + prefix:] = 1
     active_B = np.arange(batch) < len(prompts)
     ids_BxP, mask_BxP, active_B = (jax.device_put(x, sharding.batch_sharding(model.mesh, batch, x.ndim))
                                    for x in (ids_BxP, mask_BxP, active_B))
@@ -452,7 +495,7 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], adapter: Any = None, 
              top_p: float = 1.0, num_beams: int = 4, length_penalty: float = 1.0,
              early_stopping: bool | str = False, eos_token_ids: Sequence[int] | None = None,
              pad_token_id: int | None = None, seed: int = 0, prompt_bucket: int = 64,
-             bucket_batch: bool = True) -> list[list[int]]:
+             bucket_batch: bool = True, share_prefix: bool = True) -> list[list[int]]:
     """New tokens for each prompt (token ids), by greedy decoding, sampling or beam search.
 
     Args:
@@ -466,6 +509,7 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], adapter: Any = None, 
         pad_token_id: filler id (default: config, tokenizer, first EOS); invisible in the output.
         prompt_bucket: prompts pad to ``bucket_length(longest, minimum=prompt_bucket)`` so lengths share compiles.
         bucket_batch: pad the batch to a power of two, for the same reason.
+        share_prefix: prefill the prompts' common leading tokens (``shared_prefix_length``) once for the batch.
 
     Returns:
         Per prompt, the new token ids, stopping before the first EOS (the EOS itself is not included).
@@ -479,7 +523,7 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], adapter: Any = None, 
         model, prompts, adapter, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, method=method,
         temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
         early_stopping=early_stopping, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, seed=seed,
-        prompt_bucket=prompt_bucket, bucket_batch=bucket_batch).tokens
+        prompt_bucket=prompt_bucket, bucket_batch=bucket_batch, share_prefix=share_prefix).tokens
 
 
 def generate_text(model: Any, texts: Sequence[str], adapter: Any = None, *, add_special_tokens: bool = True,

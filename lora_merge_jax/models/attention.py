@@ -33,14 +33,16 @@ def _token_major(x_BxKxMxHd: Array, g: int) -> Array:
     return x_BxKxMxHd.reshape(b, kv, m // g, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, m // g, kv * g * hd)
 
 
-def _chunks(t: int, s: int, causal_square: bool) -> list[tuple[int, int, int]]:
-    """(first query, end query, end key) of each chunk. ``causal_square``: queries in chunks of C, each against
-    the keys up to its last query only, which skips most of the masked upper triangle: (C + 1) / 2C of the
-    [T, S] work for C chunks; up to 8 chunks of at least 64 queries. Else one chunk over every key."""
+def _chunks(t: int, s: int, causal: bool) -> list[tuple[int, int, int]]:
+    """(first query, end query, end key) of each chunk. ``causal``: the T queries sit at the last T of the S
+    key slots, and each sees no key after its own slot (S == T without a cache; a cache's earlier slots are
+    a prefix all of them see). Then queries go in chunks of C, each against the keys up to its last query
+    only, which skips most of the masked upper triangle: (C + 1) / 2C of the [T, T] work for C chunks; up to
+    8 chunks of at least 64 queries. Else one chunk over every key."""
     chunk = max(64, -(-t // 8))
-    if not causal_square or t <= chunk:
+    if not causal or t <= chunk:
         return [(0, t, s)]
-    return [(lo, min(lo + chunk, t), min(lo + chunk, t)) for lo in range(0, t, chunk)]
+    return [(lo, min(lo + chunk, t), s - t + min(lo + chunk, t)) for lo in range(0, t, chunk)]
 
 
 def _chunk_logits(q_BxKxMxHd: Array, k_BxKxSxHd: Array, mask_BxTxS: Array, g: int,
@@ -58,7 +60,7 @@ def _chunk_logits(q_BxKxMxHd: Array, k_BxKxSxHd: Array, mask_BxTxS: Array, g: in
 
 
 def attention_forward(q_BxTxHxHd: Array, k_BxSxKxHd: Array, v_BxSxKxHd: Array, mask_BxTxS: Array,
-                      causal_square: bool) -> tuple[Array, tuple[Array, Array]]:
+                      causal: bool) -> tuple[Array, tuple[Array, Array]]:
     """The CPU kernel's forward: (output [B, T, H*Hd], softmax statistics (row max, row sum) [B, K, T*G]).
 
     The softmax as ``jax.nn.softmax`` computes it; the statistics are what the backward keeps instead of the
@@ -71,7 +73,7 @@ def attention_forward(q_BxTxHxHd: Array, k_BxSxKxHd: Array, v_BxSxKxHd: Array, m
     q_hm = _head_major(q_BxTxHxHd.reshape(b, t, kv, g, hd))
     k_hm, v_hm = k_BxSxKxHd.transpose(0, 2, 1, 3), v_BxSxKxHd.transpose(0, 2, 1, 3)
     outs, maxes, sums = [], [], []
-    for lo, hi, s_hi in _chunks(t, s, causal_square):
+    for lo, hi, s_hi in _chunks(t, s, causal):
         out, max_BxKxM, sum_BxKxM = _attend(q_hm[:, :, lo * g:hi * g], k_hm[:, :, :s_hi], v_hm[:, :, :s_hi],
                                             mask_BxTxS[:, lo:hi, :s_hi], g)
         outs.append(out)
@@ -106,7 +108,7 @@ def attention_head_major(q_BxTxHxHd: Array, k_BxKxHdxS: Array, v_BxKxSxHd: Array
 
 def attention_backward(q_BxTxHxHd: Array, k_BxSxKxHd: Array, v_BxSxKxHd: Array, mask_BxTxS: Array,
                        out_BxTxHHd: Array, stats: tuple[Array, Array], d_out_BxTxHHd: Array,
-                       causal_square: bool) -> tuple[Array, Array, Array]:
+                       causal: bool) -> tuple[Array, Array, Array]:
     """The CPU kernel's vector-Jacobian product: (dq [B, T, H, Hd], dk, dv [B, S, K, Hd]), from the forward's
     inputs, output and statistics; the probabilities are recomputed chunk by chunk."""
     b, t, h, hd = q_BxTxHxHd.shape
@@ -122,7 +124,7 @@ def attention_backward(q_BxTxHxHd: Array, k_BxSxKxHd: Array, v_BxSxKxHd: Array, 
     out32 = out_BxTxHHd.astype(jnp.float32).reshape(b, t, kv, g, hd)
     dot_BxKxM = jnp.sum(d_out32 * out32, axis=-1).transpose(0, 2, 1, 3).reshape(b, kv, t * g)
     d_qs, d_ks, d_vs = [], [], []
-    for lo, hi, s_hi in _chunks(t, s, causal_square):
+    for lo, hi, s_hi in _chunks(t, s, causal):
         rows = slice(lo * g, hi * g)
         q_c, k_c, v_c, d_out_c = q_hm[:, :, rows], k_hm[:, :, :s_hi], v_hm[:, :, :s_hi], d_out_hm[:, :, rows]
         logits, mask_Bx1xMxS = _chunk_logits(q_c, k_c, mask_BxTxS[:, lo:hi, :s_hi], g)
@@ -143,34 +145,35 @@ def attention_backward(q_BxTxHxHd: Array, k_BxSxKxHd: Array, v_BxSxKxHd: Array, 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _grouped_attention(q_BxTxHxHd: Array, k_BxSxKxHd: Array, v_BxSxKxHd: Array, mask_BxTxS: Array,
-                       causal_square: bool) -> Array:
-    return attention_forward(q_BxTxHxHd, k_BxSxKxHd, v_BxSxKxHd, mask_BxTxS, causal_square)[0]
+                       causal: bool) -> Array:
+    return attention_forward(q_BxTxHxHd, k_BxSxKxHd, v_BxSxKxHd, mask_BxTxS, causal)[0]
 
 
-def _grouped_attention_fwd(q, k, v, mask_BxTxS, causal_square):
-    out, stats = attention_forward(q, k, v, mask_BxTxS, causal_square)
+def _grouped_attention_fwd(q, k, v, mask_BxTxS, causal):
+    out, stats = attention_forward(q, k, v, mask_BxTxS, causal)
     return out, (q, k, v, mask_BxTxS, out, stats)
 
 
-def _grouped_attention_bwd(causal_square, residuals, d_out):
+def _grouped_attention_bwd(causal, residuals, d_out):
     q, k, v, mask_BxTxS, out, stats = residuals
-    return (*attention_backward(q, k, v, mask_BxTxS, out, stats, d_out, causal_square), None)
+    return (*attention_backward(q, k, v, mask_BxTxS, out, stats, d_out, causal), None)
 
 
 _grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)
 
 
 def fused_attention(q_BxTxHxHd: Array, k_BxSxKxHd: Array, v_BxSxKxHd: Array, mask_BxTxS: Array,
-                    causal_square: bool, implementation: str | None = "cudnn") -> Array:
+                    causal: bool, implementation: str | None = "cudnn") -> Array:
     """Attention through ``jax.nn.dot_product_attention`` ([B, T, H*Hd]); ``implementation="cudnn"`` is the
     GPU path, ``"xla"`` the same call on any backend (which the tests compare with ``attention``).
 
-    The mask goes in as given (cuDNN turns it into a bias); ``causal_square`` also tells the kernel the mask
-    is causal, so that cuDNN skips the upper triangle.
+    The mask goes in as given (cuDNN turns it into a bias); ``causal`` with S == T also tells the kernel the
+    mask is causal, so that cuDNN skips the upper triangle.
     """
     b, t, h, hd = q_BxTxHxHd.shape
     out = jax.nn.dot_product_attention(q_BxTxHxHd, k_BxSxKxHd, v_BxSxKxHd, mask=mask_BxTxS[:, None],
-                                       is_causal=causal_square, implementation=implementation)
+                                       is_causal=causal and t == k_BxSxKxHd.shape[1],
+                                       implementation=implementation)
     return out.reshape(b, t, h * hd)
 
 
@@ -180,13 +183,13 @@ def uses_fused_kernel(dtype) -> bool:
 
 
 def attention(q_BxTxHxHd: Array, k_BxSxKxHd: Array, v_BxSxKxHd: Array, mask_BxTxS: Array,
-              causal_square: bool) -> Array:
+              causal: bool) -> Array:
     """Grouped-query attention: cuDNN's fused kernel where ``uses_fused_kernel``, else the kernel above.
 
-    ``causal_square``: query t never sees a key after slot t (S == T, no cache). Then the queries go in
-    chunks, each against the keys up to its last query only, which skips most of the masked upper triangle:
-    (C + 1) / 2C of the [T, S] work for C chunks; up to 8 chunks of at least 64 queries.
+    ``causal``: the T queries sit at the last T of the S key slots and none sees a key after its own slot
+    (S == T without a cache). Then the queries go in chunks, each against the keys up to its last query only,
+    which skips most of the masked upper triangle (``_chunks``).
     """
     if uses_fused_kernel(q_BxTxHxHd.dtype):
-        return fused_attention(q_BxTxHxHd, k_BxSxKxHd, v_BxSxKxHd, mask_BxTxS, causal_square)
-    return _grouped_attention(q_BxTxHxHd, k_BxSxKxHd, v_BxSxKxHd, mask_BxTxS, causal_square)
+        return fused_attention(q_BxTxHxHd, k_BxSxKxHd, v_BxSxKxHd, mask_BxTxS, causal)
+    return _grouped_attention(q_BxTxHxHd, k_BxSxKxHd, v_BxSxKxHd, mask_BxTxS, causal)

@@ -183,7 +183,7 @@ def _layer_forward(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: di
     (q, k, v), ranks = group(_QKV, y)
     q, k = _rope(q.reshape(b, t, h, hd), cos, sin), _rope(k.reshape(b, t, kv, hd), cos, sin)
     v = v.reshape(b, t, kv, hd)
-    attn_BxTxHHd, stats = attention_forward(q, k, v, mask_BxTxS, causal_square=True)
+    attn_BxTxHHd, stats = attention_forward(q, k, v, mask_BxTxS, causal=True)
     (o,), more = group(_O, attn_BxTxHHd)
     ranks.update(more)
     mid_BxTxD = x_BxTxD + o
@@ -247,7 +247,7 @@ def _layer_bwd(spec, residuals, d_out_BxTxD):
     d_mid = d_out_BxTxD + d_mid
     # Attention: mid = x + o(attention(rope(q(y)), rope(k(y)), v(y))), y = norm(x)
     d_attn = group_backward(_O, attn_BxTxHHd, [d_mid])
-    d_q, d_k, d_v = attention_backward(q, k, v, mask_BxTxS, attn_BxTxHHd, stats, d_attn, causal_square=True)
+    d_q, d_k, d_v = attention_backward(q, k, v, mask_BxTxS, attn_BxTxHHd, stats, d_attn, causal=True)
     rope_t = lambda d: jax.linear_transpose(lambda z: _rope(z, cos, sin), d)(d)[0]  # noqa: E731
     d_q, d_k = rope_t(d_q).reshape(b, t, -1), rope_t(d_k).reshape(b, t, -1)
     y, attn_norm_vjp = norm_vjp(x_BxTxD, w.attn_norm_LxD)
@@ -273,13 +273,15 @@ def _cached_layer(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dic
     the whole stacked [L, B, S, K, Hd] cache at ``layer_index``, or this layer's own head-major cache (keys
     [B, K, Hd, S], values [B, K, S, Hd]) when ``layer_index`` is None (``decode_unstacked``).
 
-    A prompt's prefill (T == S slots from slot 0) is a causal square like training's forward: queries in causal
-    chunks against their own keys, and q/k/v and gate/up as one product each (a decode step, T = 1, keeps one
-    product per projection: grouping would concatenate the weights in every step)."""
+    A prompt's prefill (T queries filling a cache's last T slots, from a static ``cache_index``; slot 0 or
+    after a shared prefix) is causal like training's forward: queries in causal chunks, and q/k/v and
+    gate/up as one product each (a decode step, T = 1, keeps one product per projection: grouping would
+    concatenate the weights in every step)."""
     b, t, _ = x_BxTxD.shape
     h, kv, hd = spec.heads, spec.kv_heads, spec.head_dim
     slots = None if cache_kv is None else cache_kv[1].shape[2]  # S of the values' [L, B, S, K, Hd] or [B, K, S, Hd]
-    square = slots is None or (isinstance(cache_index, int) and cache_index == 0 and t == slots)
+    causal = slots is None or (isinstance(cache_index, int) and cache_index + t == slots)
+    fresh = slots is None or (causal and cache_index == 0)  # the new keys are all there is: attend to them
     mask_BxTxS = base_mask_BxTxS & ((window == 0) | (distance_TxS < window))[None]
     group = functools.partial(_project_group, w=w, deltas=deltas, dropout=spec.dropout, rng=rng,
                               merge=spec.merge and t > 1, keep_ranks=False)
@@ -298,7 +300,7 @@ def _cached_layer(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dic
                                                    (0, 0, 0, cache_index))
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
                                                    (0, 0, cache_index, 0))
-            if not square:
+            if not fresh:  # a decode step (the per-layer caches serve nothing else)
                 attn_BxTxHHd = attention_head_major(q, k_cache.astype(x_BxTxD.dtype),
                                                     v_cache.astype(x_BxTxD.dtype), mask_BxTxS)
         else:
@@ -307,13 +309,13 @@ def _cached_layer(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dic
             start = (layer_index, 0, cache_index, 0, 0)
             k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], start)
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], start)
-            if not square:
+            if not fresh:
                 k = jax.lax.dynamic_index_in_dim(k_cache, layer_index, 0, keepdims=False).astype(x_BxTxD.dtype)
                 v = jax.lax.dynamic_index_in_dim(v_cache, layer_index, 0, keepdims=False).astype(x_BxTxD.dtype)
-                attn_BxTxHHd = attention(q, k, v, mask_BxTxS, causal_square=False)
+                attn_BxTxHHd = attention(q, k, v, mask_BxTxS, causal=causal)
         cache_kv = (k_cache, v_cache)
-    if square:  # the new keys are the cache's only ones: attend to them directly
-        attn_BxTxHHd = attention(q, k, v, mask_BxTxS, causal_square=True)
+    if fresh:
+        attn_BxTxHHd = attention(q, k, v, mask_BxTxS, causal=True)
     (o,) = projections(_O, attn_BxTxHHd)
     x_BxTxD = x_BxTxD + o
     y = _rms_norm(x_BxTxD, w.mlp_norm_LxD, spec.eps)
