@@ -269,6 +269,9 @@ def test_sharded_mesh_matches_default_mesh(sharp_llama):
     assert gen.generate(many, prompts, **kwargs) == gen.generate(model, prompts, **kwargs)
     beam = dict(kwargs, method="beam", num_beams=3)
     assert gen.generate(many, prompts, **beam) == gen.generate(model, prompts, **beam)
+    shared = [prompts[0] + prompts[1] + prompts[2] + p for p in prompts]  # 22 tokens in common: one row's prefix
+    assert gen.shared_prefix_length(shared) == 16
+    assert gen.generate(many, shared, **kwargs) == gen.generate(model, shared, **kwargs)
 
 
 def test_generate_text_decodes_new_tokens(sharp_llama):
