@@ -507,7 +507,8 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], adapter: Any = None, 
             "beam" (``num_beams``, ``length_penalty``, ``early_stopping`` False / True / "never", as transformers).
         eos_token_ids: stop tokens (default: config.json, generation_config.json and the tokenizer's EOS).
         pad_token_id: filler id (default: config, tokenizer, first EOS); invisible in the output.
-        prompt_bucket: prompts pad to ``bucket_length(longest, minimum=prompt_bucket)`` so lengths share compiles.
+        prompt_bucket: prompts pad to ``bucket_length(longest, minimum=prompt_bucket)`` (after the shared prefix,
+            when there is one) so lengths share compiles.
         bucket_batch: pad the batch to a power of two, for the same reason.
         share_prefix: prefill the prompts' common leading tokens (``shared_prefix_length``) once for the batch.
 
