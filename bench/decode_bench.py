@@ -217,11 +217,13 @@ def run_scitldr(args, ours, theirs) -> dict | None:
             "per_batch_total_s": med[name], "per_batch_prefill_s": med[name + "_prefill"]}
     speedup = rows["theirs"]["total_s"] / rows["ours"]["total_s"]
     lengths = sorted(map(len, prompts))
+    shared = [gen.shared_prefix_length(batch) for batch in batches]
     print(f"greedy decode of {len(prompts)} SciTLDR dev abstracts ({'chat template' if args.chat_template else 'plain'}"
           f" prompts of {lengths[0]}-{lengths[-1]} tokens, mean {statistics.mean(lengths):.0f}), sorted by length in "
           f"batches of {batch_size}, {n} new tokens each; model hidden={cfg.hidden_size} layers="
           f"{cfg.num_hidden_layers} vocab={cfg.vocab_size}; median of {args.repeats or 1} after a warm-up "
-          f"({warmup_ours:.1f} s for ours, compiles included)")
+          f"({warmup_ours:.1f} s for ours, compiles included); ours prefills a shared prefix of "
+          f"{shared} tokens per batch once")
     print(f"limits: float32 matmul {limits['jax_matmul_gflops']:.1f} GFLOP/s (torch.mm "
           f"{limits['torch_matmul_gflops']:.1f}); bandwidth {limits['jax_sum_gb_s']:.2f} GB/s (jitted sum; numpy copy "
           f"{limits['numpy_copy_gb_s']:.2f}); prefill {flops / 1e12:.2f} TFLOP of real tokens; a decode step reads "
@@ -235,7 +237,8 @@ def run_scitldr(args, ours, theirs) -> dict | None:
               f"{100 * r['decode_fraction_of_bandwidth']:8.1f}%")
     print(f"speed-up (ours / transformers): {speedup:.2f}x; identical tokens: {100 * statistics.mean(agree):.1f}%")
     return {"settings": {"data": "scitldr", "examples": len(prompts), "chat_template": args.chat_template,
-                         "batch": batch_size, "batches": [list(map(len, b)) for b in batches], "new_tokens": n,
+                         "batch": batch_size, "batches": [list(map(len, b)) for b in batches], "shared_prefix": shared,
+                         "new_tokens": n,
                          "repeats": args.repeats or 1, "model": args.model, "hidden": cfg.hidden_size,
                          "layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size},
             "limits": {"start": limits_start, "end": limits_end, "used": limits},
