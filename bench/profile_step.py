@@ -54,7 +54,10 @@ def group_of(name: str, shape: str, source: str, rank: int) -> str:
     """The group an operation's time counts in (from its name, result shape and source op)."""
     if re.search(r"bk\w*,bk\w*->", source) or "exponential" in name or "attention" in source:
         return "attention (products, softmax)"
-    if re.search(rf"[\[,]{rank}\]|\[{rank},", shape) or re.search(r"\bnr,|,rf->|nf,rf", source):
+    dims = re.search(r"\[([\d,]*)\]", shape)
+    dims = dims.group(1).split(",") if dims else []
+    # A 2-D result with a rank-sized side ([N, R], [R, D]): a batch of R rows is [R, T, ...], not an adapter.
+    if (len(dims) == 2 and str(rank) in dims) or re.search(r"\bnr,|,rf->|nf,rf", source):
         return f"adapters' rank-{rank} products"
     if "btv" in source or "btd,vd" in source or "btd,dv" in source:
         return "LM head"
