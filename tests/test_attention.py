@@ -32,11 +32,9 @@ def _masks(rng, kind):
     return jnp.asarray(mask)
 
 
-@pytest.mark.parametrize("kind", ["plain", "right_padding", "left_padding", "segments", "window"])
-def test_fused_path_matches_the_cpu_kernel(kind, rng):
-    q, k, v, d_out = (jnp.asarray(rng.normal(size=s), jnp.float32)
-                      for s in ((B, T, H, HD), (B, T, K, HD), (B, T, K, HD), (B, T, H * HD)))
-    mask = _masks(rng, kind)
+def _assert_matches_fused(q, k, v, d_out, mask):
+    """``attention`` (the CPU kernel, causal) against ``fused_attention`` with XLA's implementation: outputs and
+    the gradients of sum(out * d_out) within TOL of the largest value."""
 
     def loss(fn, q, k, v):
         out = fn(q, k, v, mask, True)
@@ -56,6 +54,13 @@ def test_fused_path_matches_the_cpu_kernel(kind, rng):
         np.testing.assert_allclose(g_fused, g_ours, atol=TOL * float(np.abs(g_ours).max()), err_msg=name)
 
 
+@pytest.mark.parametrize("kind", ["plain", "right_padding", "left_padding", "segments", "window"])
+def test_fused_path_matches_the_cpu_kernel(kind, rng):
+    q, k, v, d_out = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                      for s in ((B, T, H, HD), (B, T, K, HD), (B, T, K, HD), (B, T, H * HD)))
+    _assert_matches_fused(q, k, v, d_out, _masks(rng, kind))
+
+
 def test_causal_queries_after_a_cached_prefix_match_the_fused_path(rng):
     # A prompt's rest after a shared prefix: T = 80 queries at the last of S = 112 slots, in causal chunks that
     # each end at their last query's slot; the prefix (and left padding in row 1) is seen by every query.
@@ -67,20 +72,8 @@ def test_causal_queries_after_a_cached_prefix_match_the_fused_path(rng):
     valid[1, prefix:prefix + 9] = False
     mask = jnp.asarray((keys_S[None, :] <= slots_T[:, None])[None] & valid[:, None, :])
     assert attention_lib._chunks(T, prefix + T, True)[0] == (0, 64, prefix + 64)
-
-    def loss(fn, q, k, v):
-        out = fn(q, k, v, mask, True)
-        return jnp.sum(out * d_out), out
-
-    ours = jax.value_and_grad(lambda *a: loss(attention_lib.attention, *a), argnums=(0, 1, 2), has_aux=True)
-    fused = jax.value_and_grad(
-        lambda *a: loss(lambda *b: attention_lib.fused_attention(*b, implementation="xla"), *a),
-        argnums=(0, 1, 2), has_aux=True)
-    (_, out_ours), grads_ours = jax.jit(ours)(q, k, v)
-    (_, out_fused), grads_fused = jax.jit(fused)(q, k, v)
-    np.testing.assert_allclose(out_fused, out_ours, atol=TOL * float(np.abs(out_ours).max()))
-    for name, g_fused, g_ours in zip("qkv", grads_fused, grads_ours):
-        np.testing.assert_allclose(g_fused, g_ours, atol=TOL * float(np.abs(g_ours).max()), err_msg=name)
+    assert bool(mask.any(-1).all())  # every query sees the prefix: all rows are compared
+    _assert_matches_fused(q, k, v, d_out, mask)
 
 
 def test_cpu_and_float32_never_take_the_fused_kernel():
