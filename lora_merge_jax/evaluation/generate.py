@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -403,10 +404,8 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     """
     if len(prompts) < 2:
         return 0
-    common = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    for prompt in prompts[1:]:
-        common = next((i for i in range(common) if prompt[i] != first[i]), common)
+    # commonprefix compares only the lexicographic min and max, so the prompts must be of one type (lists).
+    common = min(len(os.path.commonprefix([list(p) for p in prompts])), min(map(len, prompts)) - 1)
     return common // PREFIX_QUANTUM * PREFIX_QUANTUM
 
 
