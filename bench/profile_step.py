@@ -71,7 +71,7 @@ def group_of(name: str, shape: str, source: str, rank: int) -> str:
 def profile(args: argparse.Namespace, out: Path) -> None:
     if args.config in tb.REAL_MODELS:
         fetch, seq = tb.REAL_MODELS[args.config]
-        model = lmj.load_pretrained(fetch(), load_tokenizer=False)
+        model = lmj.load_pretrained(fetch(), dtype=args.dtype, load_tokenizer=False)
     else:
         import torch
         import transformers
@@ -81,7 +81,7 @@ def profile(args: argparse.Namespace, out: Path) -> None:
         hf_config = transformers.LlamaConfig(**hf_kwargs, max_position_embeddings=max(args.seq or seq, 512),
                                              tie_word_embeddings=False)
         transformers.LlamaForCausalLM(hf_config).save_pretrained(str(out / "model"))
-        model = lmj.load_pretrained(out / "model")
+        model = lmj.load_pretrained(out / "model", dtype=args.dtype)
     seq = args.seq or seq
     batch = tb.make_batch(model.config.vocab_size, args.batch, seq, args.target_tokens or 3 * seq // 4)
     built = tb.build_ours(model, args.variant, args.tasks, args.rank, batch, 10)
@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, help="sequence length (default: the config's, as in train_bench.py)")
     parser.add_argument("--target-tokens", type=int, help="target tokens at the end of each row (default 3/4)")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the frozen weights' and activations' dtype (the adapter and optimizer stay float32)")
     parser.add_argument("--tasks", type=int, default=8, help="K of the merge variants")
     parser.add_argument("--top", type=int, default=25, help="how many of the slowest operations to list")
     parser.add_argument("--trace-dir", type=Path, help="keep the trace and HLO here (default: a temporary folder)")

@@ -4,6 +4,8 @@ Two random-weight Llama configs (about 5M and 35M parameters) are built with tra
 and saved; both implementations load the same checkpoint. The real model ``smollm2`` (SmolLM2-135M-Instruct,
 Q4_1 GGUF, fetched once by ``lora_merge_jax.io.gguf_fetch``; ours through ``load_pretrained``, PyTorch through
 transformers' own GGUF loader, both dequantized to float32) is a third workload: ``--configs smollm2``.
+``--dtype bfloat16`` puts both sides' frozen weights and activations in bfloat16 (adapters, their gradients
+and AdamW stay float32 on both: PEFT's ``autocast_adapter_dtype`` and our train state).
 Ours: ``lmj.load_pretrained``, ``init_lora`` /
 ``merge_for_training`` (K task LoRAs of rank r on all seven projections, ``task`` coefficients, optionally
 the default pruning hook), ``train_step.make_train_step`` + ``jit_train_step`` with ``optim.make_optimizer``
@@ -12,7 +14,7 @@ the default pruning hook), ``train_step.make_train_step`` + ``jit_train_step`` w
 variants take one step each in turn (so that load from other jobs hits all of them alike), each step timed
 to ``block_until_ready`` (ours) or the end of ``optimizer.step()`` (PyTorch). Medians.
 
-Also measured in the same run: this machine's float32 matmul rate (a jitted 2048x2048 ``jnp.dot``), and the
+Also measured in the same run: this machine's matmul rate in that dtype (a jitted 2048x2048 product), and the
 fraction of it our step reaches (model FLOP utilisation) with, per token,
 
     4 N  +  12 L T H Hd  +  6 P
@@ -28,6 +30,7 @@ the same count keeps MFU proportional to tokens/s and overstates our hardware us
     python bench/train_bench.py --out train_bench.json
     python bench/train_bench.py --configs 35M --target-tokens 32 --tasks 8 --merge-variants merge   # summaries
     python bench/train_bench.py --configs smollm2 --out train_bench_smollm2.json                     # real model
+    python bench/train_bench.py --configs smollm2 --dtype bfloat16 --batch 8 --seq 256 --target-tokens 64
 
 Threads: XLA's CPU backend uses one intra-op thread per core it may run on; PyTorch is set to the same
 number. ``--threads 1`` pins the process to one core, so both run single-threaded. ``OMP_WAIT_POLICY`` is set to
@@ -38,6 +41,7 @@ down several times.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -75,7 +79,7 @@ import transformers  # noqa: E402
 from torch_reference import peft_lora  # noqa: E402
 
 import lora_merge_jax as lmj  # noqa: E402
-from lora_merge_jax.models import losses  # noqa: E402
+from lora_merge_jax.models import losses, products  # noqa: E402
 from lora_merge_jax.adapters import common  # noqa: E402
 from lora_merge_jax.io.gguf_fetch import fetch_smollm2  # noqa: E402
 from lora_merge_jax.merge import pruning  # noqa: E402
@@ -95,19 +99,22 @@ REAL_MODELS = {"smollm2": (fetch_smollm2, 128)}
 LEARNING_RATE = 1e-4
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 7) -> tuple[float, float]:
-    """(jax, torch) float32 GFLOP/s of a size x size matmul, median of ``repeats`` after a warm-up."""
-    return shape_gflops([(size, size, size)], repeats)
+def matmul_gflops(dtype: str = "float32", size: int = 2048, repeats: int = 7) -> tuple[float, float]:
+    """(jax, torch) GFLOP/s of a size x size matmul in ``dtype``, median of ``repeats`` after a warm-up."""
+    return shape_gflops([(size, size, size)], dtype, repeats)
 
 
-def shape_gflops(shapes: list[tuple[int, int, int]], repeats: int = 7) -> tuple[float, float]:
-    """(jax, torch) float32 GFLOP/s over the [M, K] x [K, N] products ``shapes`` (M, K, N), each a jitted
-    ``jnp.dot`` and a ``torch.mm`` taking turns; medians of ``repeats`` after a warm-up."""
+def shape_gflops(shapes: list[tuple[int, int, int]], dtype: str = "float32",
+                 repeats: int = 7) -> tuple[float, float]:
+    """(jax, torch) GFLOP/s over the [M, K] x [K, N] products ``shapes`` (M, K, N) in ``dtype``, each a jitted
+    product (accumulated in float32, as the model's) and a ``torch.mm`` taking turns; medians of ``repeats``
+    after a warm-up."""
     flops, jax_s, torch_s = 0.0, 0.0, 0.0
-    dot = jax.jit(jnp.dot)
+    dot = jax.jit(functools.partial(products.einsum, "mk,kn->mn"))
     for m, k, n in shapes:
-        a, b = jax.random.normal(jax.random.key(0), (m, k)), jax.random.normal(jax.random.key(1), (k, n))
-        at, bt = torch.randn(m, k), torch.randn(k, n)
+        a = jax.random.normal(jax.random.key(0), (m, k), dtype)
+        b = jax.random.normal(jax.random.key(1), (k, n), dtype)
+        at, bt = torch.randn(m, k, dtype=getattr(torch, dtype)), torch.randn(k, n, dtype=getattr(torch, dtype))
         dot(a, b).block_until_ready()
         torch.mm(at, bt)
         times_jax, times_torch = [], []
@@ -216,9 +223,9 @@ def ours(model: lmj.Model, variant: str, k: int, rank: int, batch: dict, steps_t
     return one_step, compile_s, built.adapter_params
 
 
-def peft_step(path: Path, rank: int, batch: dict):
+def peft_step(path: Path, rank: int, batch: dict, dtype: str):
     """The same LoRA step in PyTorch + PEFT: a ready-to-time closure and its adapter parameter count."""
-    reference = peft_lora(path, rank, PROJECTIONS, LEARNING_RATE)
+    reference = peft_lora(path, rank, PROJECTIONS, LEARNING_RATE, getattr(torch, dtype))
     ids = torch.tensor(batch["input_ids"][0], dtype=torch.long)
     mask = torch.tensor(batch["attention_mask"][0], dtype=torch.long)
     labels = torch.where(torch.tensor(batch["target_mask"][0]) == 1, ids, torch.tensor(-100))
@@ -238,7 +245,7 @@ def run_config(name: str, args: argparse.Namespace, tmp: Path) -> dict:
         fetch, seq = REAL_MODELS[name]
         seq = args.seq or seq
         path = fetch()
-        model = lmj.load_pretrained(path, load_tokenizer=False)
+        model = lmj.load_pretrained(path, dtype=args.dtype, load_tokenizer=False)
         hf_kwargs = {"gguf": path.name, **{k: getattr(model.config, k) for k in (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "tie_word_embeddings")}}
@@ -250,7 +257,7 @@ def run_config(name: str, args: argparse.Namespace, tmp: Path) -> dict:
                                              tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
         path = tmp / name
         transformers.LlamaForCausalLM(hf_config).save_pretrained(str(path))
-        model = lmj.load_pretrained(path)
+        model = lmj.load_pretrained(path, dtype=args.dtype)
     cfg = model.config
     batch = make_batch(cfg.vocab_size, args.batch, seq, args.target_tokens or 3 * seq // 4)
     steps_total = 10 * args.rounds * args.steps
@@ -262,7 +269,7 @@ def run_config(name: str, args: argparse.Namespace, tmp: Path) -> dict:
         fn, compile_s, p = ours(model, variant, k, args.rank, batch, steps_total)
         runners[label], info[label] = fn, {"compile_s": compile_s, "adapter_params": p, "ours": True}
     if not args.skip_peft:
-        fn, p = peft_step(path, args.rank, batch)
+        fn, p = peft_step(path, args.rank, batch, args.dtype)
         runners["PEFT LoRA (PyTorch)"], info["PEFT LoRA (PyTorch)"] = fn, {"adapter_params": p, "ours": False}
 
     # One step of each variant in turn, so that load from other jobs, which changes by the minute, reaches all
@@ -285,7 +292,7 @@ def run_config(name: str, args: argparse.Namespace, tmp: Path) -> dict:
         row["time_over_lora"] = row["median_step_s"] / lora
     # XLA's and PyTorch's matmul kernels on the step's own products: the bound on any ratio to PEFT, since both
     # spend most of a step in them.
-    jax_proj, torch_proj = shape_gflops(projection_shapes(cfg, args.batch * seq))
+    jax_proj, torch_proj = shape_gflops(projection_shapes(cfg, args.batch * seq), args.dtype)
     return {"config": name, "params": cfg.num_params(), "seq": seq, "batch": args.batch, "rank": args.rank,
             "projection_matmul_gflops": {"jax": jax_proj, "torch": torch_proj},
             "target_tokens": int(batch["target_mask"][0, 0].sum()),
@@ -301,6 +308,8 @@ def main() -> None:
     parser.add_argument("--target-tokens", type=int, help="target (loss) tokens at the end of each row "
                         "(default: 3/4 of the sequence; a summary is more like 1/8)")
     parser.add_argument("--rank", type=int, default=8, help="rank of the LoRA and of each task LoRA")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the frozen weights and activations on both sides (adapters and AdamW: float32)")
     parser.add_argument("--tasks", type=int, nargs="+", default=[4, 8], help="K values of the merge")
     parser.add_argument("--merge-variants", nargs="+", default=["merge", "merge+prune"],
                         choices=["merge", "merge+prune"], help="merge step without / with the pruning hook")
@@ -314,16 +323,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     load_before = os.getloadavg()
-    jax_gflops, torch_gflops = matmul_gflops()
+    jax_gflops, torch_gflops = matmul_gflops(args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         results = [run_config(name, args, Path(tmp)) for name in args.configs]
-    jax_gflops_after, torch_gflops_after = matmul_gflops()
+    jax_gflops_after, torch_gflops_after = matmul_gflops(args.dtype)
     peak = max(jax_gflops, jax_gflops_after)
 
     cores = len(os.sched_getaffinity(0))
-    print(f"train step, float32, batch {args.batch}, LoRA rank {args.rank} on all 7 projections; jax "
+    print(f"train step, {args.dtype}, batch {args.batch}, LoRA rank {args.rank} on all 7 projections; jax "
           f"{jax.__version__} on {jax.default_backend()} ({cores} cores), torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads; median of {args.rounds * args.steps} steps; float32 matmul "
+          f"{torch.get_num_threads()} threads; median of {args.rounds * args.steps} steps; {args.dtype} matmul "
           f"2048^2: jax {jax_gflops:.0f}/{jax_gflops_after:.0f} GFLOP/s (start/end), torch "
           f"{torch_gflops:.0f}/{torch_gflops_after:.0f}; load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     print("targets per row: " + ", ".join(f"{r['config']} {r['target_tokens']} of {r['seq']}" for r in results))

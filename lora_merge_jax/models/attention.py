@@ -17,6 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lora_merge_jax.models import products
+
 Array = jax.Array
 
 
@@ -92,7 +94,7 @@ def _attend(q_BxKxMxHd: Array, k_BxKxSxHd: Array, v_BxKxSxHd: Array, mask_BxTxS:
     unnormalized = jnp.exp(logits - max_BxKxM[..., None])
     sum_BxKxM = jnp.sum(unnormalized, axis=-1)
     probs = (unnormalized / sum_BxKxM[..., None]).astype(v_BxKxSxHd.dtype)
-    return jnp.einsum("bkms,bksh->bkmh", probs, v_BxKxSxHd), max_BxKxM, sum_BxKxM
+    return products.einsum("bkms,bksh->bkmh", probs, v_BxKxSxHd), max_BxKxM, sum_BxKxM
 
 
 def attention_head_major(q_BxTxHxHd: Array, k_BxKxHdxS: Array, v_BxKxSxHd: Array, mask_BxTxS: Array) -> Array:
@@ -133,14 +135,17 @@ def attention_backward(q_BxTxHxHd: Array, k_BxSxKxHd: Array, v_BxSxKxHd: Array, 
         d_logits = probs * (d_probs - dot_BxKxM[:, :, rows, None]) * hd ** -0.5
         # Masked entries get no gradient (as through jnp.where), which matters for fully masked rows.
         d_logits = jnp.where(mask_Bx1xMxS, d_logits, 0.0).astype(q_hm.dtype)
-        d_qs.append(jnp.einsum("bkms,bksh->bkmh", d_logits, k_c))
+        # Each chunk's gradients stay float32 until the chunks are summed (cast once, at the end).
+        d_qs.append(jnp.einsum("bkms,bksh->bkmh", d_logits, k_c, preferred_element_type=jnp.float32))
         pad = ((0, 0, 0), (0, 0, 0), (0, s - s_hi, 0), (0, 0, 0))
-        d_ks.append(jax.lax.pad(jnp.einsum("bkms,bkmh->bksh", d_logits, q_c), jnp.zeros((), q_hm.dtype), pad))
-        d_vs.append(jax.lax.pad(jnp.einsum("bkms,bkmh->bksh", probs.astype(v_hm.dtype), d_out_c),
-                                jnp.zeros((), v_hm.dtype), pad))
+        d_ks.append(jax.lax.pad(jnp.einsum("bkms,bkmh->bksh", d_logits, q_c, preferred_element_type=jnp.float32),
+                                0.0, pad))
+        d_vs.append(jax.lax.pad(jnp.einsum("bkms,bkmh->bksh", probs.astype(v_hm.dtype), d_out_c,
+                                           preferred_element_type=jnp.float32), 0.0, pad))
     d_q_hm = d_qs[0] if len(d_qs) == 1 else jnp.concatenate(d_qs, axis=2)
-    d_q = _token_major(d_q_hm, g).reshape(b, t, h, hd)
-    return d_q, sum(d_ks[1:], d_ks[0]).transpose(0, 2, 1, 3), sum(d_vs[1:], d_vs[0]).transpose(0, 2, 1, 3)
+    d_q = _token_major(d_q_hm, g).reshape(b, t, h, hd).astype(q_BxTxHxHd.dtype)
+    d_k = sum(d_ks[1:], d_ks[0]).transpose(0, 2, 1, 3).astype(k_BxSxKxHd.dtype)
+    return d_q, d_k, sum(d_vs[1:], d_vs[0]).transpose(0, 2, 1, 3).astype(v_BxSxKxHd.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

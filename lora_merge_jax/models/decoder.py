@@ -21,6 +21,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from lora_merge_jax import sharding
+from lora_merge_jax.models import products
 from lora_merge_jax.models.attention import (
     attention,
     attention_backward,
@@ -64,9 +65,12 @@ def _rope_tables(positions_BxT: Array, inv_freq: np.ndarray, dtype: Any) -> tupl
 
 
 def _rope(x_BxTxNxHd: Array, cos: Array, sin: Array) -> Array:
-    half = x_BxTxNxHd.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BxTxNxHd[..., half:], x_BxTxNxHd[..., :half]], axis=-1)
-    return x_BxTxNxHd * cos + rotated * sin
+    # In float32, rounded once: XLA's CPU backend rounds every bfloat16 operation back to bfloat16, each a
+    # pass of its own (and so does its transpose in the backward).
+    x32 = x_BxTxNxHd.astype(jnp.float32)
+    half = x32.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos.astype(jnp.float32) + rotated * sin.astype(jnp.float32)).astype(x_BxTxNxHd.dtype)
 
 
 _ACTIVATIONS = {
@@ -76,6 +80,11 @@ _ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
 }
+
+
+def _gated(act: str, gate: Array, up: Array) -> Array:
+    """act(gate) * up, in float32 and rounded once (as ``_rope``)."""
+    return (_ACTIVATIONS[act](gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
 
 
 def _adapter_input(name: str, x_BxTxD: Array, dropout: float, rng: Array | None) -> Array:
@@ -111,7 +120,7 @@ def _project_group(names: tuple[str, ...], x_BxTxD: Array, w: LayerWeights, delt
     (nothing differentiates): a merged adapter's rank activations are not computed (no extra columns)."""
     b, t, _ = x_BxTxD.shape
     weight, widths = _group_weight(names, w, deltas, merge, x_BxTxD.dtype, with_down=keep_ranks)
-    y_NxF = jnp.einsum("nd,df->nf", tokens_first(x_BxTxD), weight)
+    y_NxF = products.einsum("nd,df->nf", tokens_first(x_BxTxD), weight)
     outs, ranks, start = [], {}, 0
     for name, width in zip(names, widths):
         y = y_NxF[:, start:start + width]
@@ -140,7 +149,7 @@ def _project_group_backward(names: tuple[str, ...], x_BxTxD: Array, dys: list[Ar
     dy_NxFs = [tokens_first(dy) for dy in dys]
     weight, _ = _group_weight(names, w, deltas, merge, dy_NxFs[0].dtype, with_down=False)
     dy_NxF = dy_NxFs[0] if len(dy_NxFs) == 1 else jnp.concatenate(dy_NxFs, axis=1)
-    dx_NxD = jnp.einsum("nf,df->nd", dy_NxF, weight)
+    dx_NxD = products.einsum("nf,df->nd", dy_NxF, weight)
     for name, dy in zip(names, dy_NxFs):
         if name in deltas:
             adapter_x, dropout_vjp = jax.vjp(lambda x: _adapter_input(name, x, dropout, rng), x_BxTxD)
@@ -151,7 +160,7 @@ def _project_group_backward(names: tuple[str, ...], x_BxTxD: Array, dys: list[Ar
                     d_adapter_x = tokens_first(dropout_vjp(d_adapter_x.reshape(x_BxTxD.shape))[0])
                 dx_NxD = dx_NxD + d_adapter_x
         if need_weights:
-            grads["proj"][name] = jnp.einsum("nd,nf->df", x_NxD, dy).astype(w.proj[name].dtype)
+            grads["proj"][name] = products.einsum("nd,nf->df", x_NxD, dy).astype(w.proj[name].dtype)
             if name in w.bias:
                 grads["bias"][name] = jnp.sum(dy, axis=0).astype(w.bias[name].dtype)
     return dx_NxD.reshape(x_BxTxD.shape)
@@ -190,7 +199,7 @@ def _layer_forward(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: di
     y = _rms_norm(mid_BxTxD, w.mlp_norm_LxD, spec.eps)
     (gate, up), more = group(_GATE_UP, y)
     ranks.update(more)
-    (down,), more = group(_DOWN, _ACTIVATIONS[spec.act](gate) * up)
+    (down,), more = group(_DOWN, _gated(spec.act, gate, up))
     ranks.update(more)
     out_BxTxD = mid_BxTxD + down
     # Kept for the backward: the inputs of the norms, attention's inputs, output and softmax statistics, the
@@ -198,6 +207,20 @@ def _layer_forward(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: di
     # activation are recomputed from them; nothing [T, S]-sized is kept.
     saved = (x_BxTxD, q, k, v, attn_BxTxHHd, stats, mid_BxTxD, gate, up, ranks)
     return out_BxTxD, saved
+
+
+def _as_bits(tree: Any) -> Any:
+    """bfloat16 leaves as uint16 of the same bits, for the layer scan to stack. XLA's CPU backend has no
+    bfloat16 dynamic-update-slice: it rewrites one as a conversion of the whole [L, ...] stack to float32 and
+    back, in every layer (a quarter of a bfloat16 SmolLM2 step); integers it updates in place."""
+    return jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a,
+                        tree)
+
+
+def _from_bits(tree: Any) -> Any:
+    """The inverse of ``_as_bits``."""
+    return jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a,
+                        tree)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -215,12 +238,12 @@ def _layer_fwd(spec, x_BxTxD, w, deltas, rng, window, base_mask_BxTxS, distance_
     need_weights = any(jax.tree.leaves(perturbed(w)))
     inputs = tuple(value(a) for a in (x_BxTxD, w, deltas, rng, window, base_mask_BxTxS, distance_TxS, cos, sin))
     out, saved = _layer_forward(spec, *inputs)
-    return out, (saved, inputs[1:], perturbed(deltas), need_weights)
+    return out, (_as_bits(saved), inputs[1:], perturbed(deltas), need_weights)
 
 
 def _layer_bwd(spec, residuals, d_out_BxTxD):
     saved, inputs, need_deltas, need_weights = residuals
-    x_BxTxD, q, k, v, attn_BxTxHHd, stats, mid_BxTxD, gate, up, ranks = saved
+    x_BxTxD, q, k, v, attn_BxTxHHd, stats, mid_BxTxD, gate, up, ranks = _from_bits(saved)
     w, deltas, rng, window, base_mask_BxTxS, distance_TxS, cos, sin = inputs
     if isinstance(d_out_BxTxD, SymbolicZero):
         d_out_BxTxD = jnp.zeros(d_out_BxTxD.shape, d_out_BxTxD.dtype)
@@ -240,7 +263,7 @@ def _layer_bwd(spec, residuals, d_out_BxTxD):
         return y, lambda dy: (*vjp(dy), None)
 
     # MLP: out = mid + down(act(gate) * up)
-    hidden, act_vjp = jax.vjp(lambda g, u: _ACTIVATIONS[spec.act](g) * u, gate, up)
+    hidden, act_vjp = jax.vjp(functools.partial(_gated, spec.act), gate, up)
     d_gate, d_up = act_vjp(group_backward(_DOWN, hidden, [d_out_BxTxD]))
     y, mlp_norm_vjp = norm_vjp(mid_BxTxD, w.mlp_norm_LxD)
     d_mid, d_mlp_norm = mlp_norm_vjp(group_backward(_GATE_UP, y, [d_gate, d_up]))
@@ -320,7 +343,7 @@ def _cached_layer(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dic
     x_BxTxD = x_BxTxD + o
     y = _rms_norm(x_BxTxD, w.mlp_norm_LxD, spec.eps)
     gate, up = projections(_GATE_UP, y)
-    (down,) = projections(_DOWN, _ACTIVATIONS[spec.act](gate) * up)
+    (down,) = projections(_DOWN, _gated(spec.act, gate, up))
     return x_BxTxD + down, cache_kv
 
 

@@ -1,0 +1,21 @@
+"""Matrix products that accumulate in float32 and return their operands' dtype.
+
+XLA's CPU backend runs a bfloat16 product on the CPU's bfloat16 units (AMX, AVX512-BF16) only when the
+product's result is float32; asked for a bfloat16 result, it computes in float32 instead, at a fifth to a
+seventh of the rate (a [2048, 576] x [576, 3072] product on a 2-core Sapphire Rapids: 1,358 vs 186 GFLOP/s).
+GPUs and TPUs accumulate bfloat16 products in float32 anyway, so asking for it costs them nothing. For
+float32 operands this is a plain ``jnp.einsum``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def einsum(subscripts: str, x: Array, y: Array) -> Array:
+    """``jnp.einsum`` of two operands, accumulated in float32, in their common dtype."""
+    out_dtype = jnp.result_type(x, y)
+    return jnp.einsum(subscripts, x, y, preferred_element_type=jnp.float32).astype(out_dtype)
