@@ -72,17 +72,16 @@ if THREADS < len(os.sched_getaffinity(0)):
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch_reference import peft_lora  # noqa: E402
 
 import lora_merge_jax as lmj  # noqa: E402
-from lora_merge_jax.models import losses, products  # noqa: E402
 from lora_merge_jax.adapters import common  # noqa: E402
 from lora_merge_jax.io.gguf_fetch import fetch_smollm2  # noqa: E402
 from lora_merge_jax.merge import pruning  # noqa: E402
+from lora_merge_jax.models import losses, products  # noqa: E402
 from lora_merge_jax.models.config import PROJECTIONS, ModelConfig  # noqa: E402
 from lora_merge_jax.training.optim import OptimConfig, make_optimizer  # noqa: E402
 from lora_merge_jax.training.step import init_state, jit_train_step, make_train_step  # noqa: E402
