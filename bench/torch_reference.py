@@ -3,8 +3,9 @@
 ``torch_model`` is transformers' model of a checkpoint directory or, through transformers' own GGUF loader, of
 a ``.gguf`` file, in float32 or bfloat16 (``decode_bench.py`` generates with it). ``peft_lora`` puts a fresh PEFT
 LoRA on it (alpha = 2 x rank, no dropout; float32 factors on a bfloat16 model, PEFT's default) with
-``torch.optim.AdamW`` without weight decay, and its ``step`` clips the gradient norm to 1.0 as ours does (``train_bench.py``: one step on a fixed batch; ``epoch_bench.py``: an epoch of
-padded batches). Import this module after setting the thread environment: it imports torch.
+``torch.optim.AdamW`` without weight decay, and its ``step`` clips the gradient norm to 1.0 as ours does
+(``train_bench.py``: one step on a fixed batch; ``epoch_bench.py``: an epoch of padded batches). Import this
+module after setting the thread environment: it imports torch.
 """
 
 from __future__ import annotations
