@@ -129,7 +129,7 @@ def _project_group(names: tuple[str, ...], x_BxTxD: Array, w: LayerWeights, delt
             y = y + w.bias[name].astype(y.dtype)
         if name in deltas and not merge:
             ranks[name] = deltas[name].down(tokens_first(_adapter_input(name, x_BxTxD, dropout, rng)))
-            y = y + deltas[name].up(ranks[name]).astype(y.dtype)
+            y = y + deltas[name].up(ranks[name], x_BxTxD.dtype).astype(y.dtype)
         outs.append(y.reshape(b, t, width))
     for name in names:
         if name in deltas and merge and keep_ranks:
