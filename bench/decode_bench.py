@@ -29,6 +29,7 @@ On a shared or busy CPU, PyTorch's OpenMP threads can slow down by 10x when over
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -54,6 +55,7 @@ from lora_merge_jax.data.records import DataConfig  # noqa: E402
 from lora_merge_jax.evaluation import generate as gen  # noqa: E402
 from lora_merge_jax.evaluation.evaluate import GenerationSection, length_sorted_batches  # noqa: E402
 from lora_merge_jax.io.gguf_fetch import fetch_smollm2  # noqa: E402
+from lora_merge_jax.models import products  # noqa: E402
 from lora_merge_jax.models.config import PROJECTIONS  # noqa: E402
 from torch_reference import torch_model  # noqa: E402
 
@@ -67,16 +69,17 @@ def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[1] + rng.integers(4, vocab, max(1, length - 2 * (i % 4)) - 1).tolist() for i in range(batch)]
 
 
-def machine_limits(size: int = 2048, stream_bytes: int = 1 << 30, repeats: int = 7) -> dict[str, float]:
-    """This machine's float32 matmul rate and memory bandwidth, medians of ``repeats`` after a warm-up.
+def machine_limits(dtype: str = "float32", size: int = 2048, stream_bytes: int = 1 << 30,
+                   repeats: int = 7) -> dict[str, float]:
+    """This machine's matmul rate in ``dtype`` and memory bandwidth, medians of ``repeats`` after a warm-up.
 
-    The matmul is train_bench's (a jitted ``size`` x ``size`` ``jnp.dot``; torch.mm beside it). Bandwidth: a
-    jitted sum over a ``stream_bytes`` float32 array (bytes read / time), and numpy's copy of one such array into
-    another ((read + written) / time).
+    The matmul is train_bench's (a jitted ``size`` x ``size`` product accumulated in float32; torch.mm beside
+    it). Bandwidth: a jitted sum over a ``stream_bytes`` float32 array (bytes read / time), and numpy's copy of
+    one such array into another ((read + written) / time).
     """
-    x = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    xt = torch.randn(size, size)
-    dot = jax.jit(jnp.dot)
+    x = jax.random.normal(jax.random.key(0), (size, size), dtype)
+    xt = torch.randn(size, size, dtype=getattr(torch, dtype))
+    dot = jax.jit(functools.partial(products.einsum, "mk,kn->mn"))
     big = jnp.ones(stream_bytes // 4, jnp.float32)
     total = jax.jit(jnp.sum)
     src, dst = np.ones(stream_bytes // 4, np.float32), np.empty(stream_bytes // 4, np.float32)
@@ -106,21 +109,21 @@ def scitldr_prompts(model, data_dir: str, examples: int, chat_template: bool) ->
     return [e.prompt_ids.tolist() for e in built]
 
 
-def decode_costs(cfg, lengths: list[int], new_tokens: int) -> dict[str, float]:
+def decode_costs(cfg, lengths: list[int], new_tokens: int, itemsize: int = 4) -> dict[str, float]:
     """Useful work of one batch: prefill FLOPs and the bytes a decode step must read, on average.
 
     Prefill: 2 x (matmul parameters) per real prompt token, causal attention (QK^T and PV, 4 H Hd per
     query-key pair of a layer, over p (p + 1) / 2 pairs), and the LM head on each row's last position only.
-    A decode step reads every float32 weight once (the tied embedding as the LM head) plus the filled KV cache
-    of every real row (its mean over the steps).
+    A decode step reads every weight once (``itemsize`` bytes each; the tied embedding as the LM head) plus
+    the filled KV cache of every real row (its mean over the steps).
     """
     layers, d, v = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
     matmul_params = layers * sum(i * o for i, o in map(cfg.projection_shape, PROJECTIONS))
     attention = 4 * layers * cfg.num_attention_heads * cfg.head_dim * sum(p * (p + 1) / 2 for p in lengths)
     prefill = 2 * matmul_params * sum(lengths) + attention + 2 * d * v * len(lengths)
-    kv_per_token = 2 * layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    kv_per_token = 2 * layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
     mean_filled = sum(lengths) + len(lengths) * (new_tokens - 1) / 2  # slots in use, over the decode steps
-    return {"prefill_flops": prefill, "step_bytes": 4 * cfg.num_params() + kv_per_token * mean_filled}
+    return {"prefill_flops": prefill, "step_bytes": itemsize * cfg.num_params() + kv_per_token * mean_filled}
 
 
 def _timed(fn, repeats: int) -> tuple[float, list[float], object]:
@@ -181,7 +184,7 @@ def run_scitldr(args, ours, theirs) -> dict | None:
         ours_fn(batch, 1)()
     warmup_ours = time.perf_counter() - start
     theirs_fn(batches[0][:2], 2)()
-    limits_start = machine_limits()
+    limits_start = machine_limits(args.dtype)
 
     # Timed: each batch by both in turn (load from other jobs reaches both alike); then each prefill alone.
     times = {k: [[] for _ in batches] for k in ("ours", "theirs", "ours_prefill", "theirs_prefill")}
@@ -198,12 +201,12 @@ def run_scitldr(args, ours, theirs) -> dict | None:
                 elif key == "theirs":
                     assert all(len(t) == n for t in out) and all(len(t) == n for t in tokens_ours)
                     agree.append(float(np.mean(np.array(tokens_ours) == np.array(out))))
-    limits_end = machine_limits()
+    limits_end = machine_limits(args.dtype)
     limits = {k: max(limits_start[k], limits_end[k]) for k in limits_start}
     matmul, bandwidth = limits["jax_matmul_gflops"] * 1e9, limits["jax_sum_gb_s"] * 1e9
 
     med = {k: [statistics.median(ts) for ts in per_batch] for k, per_batch in times.items()}
-    costs = [decode_costs(cfg, list(map(len, batch)), n) for batch in batches]
+    costs = [decode_costs(cfg, list(map(len, batch)), n, jnp.dtype(args.dtype).itemsize) for batch in batches]
     flops, step_bytes = sum(c["prefill_flops"] for c in costs), [c["step_bytes"] for c in costs]
     rows = {}
     for name in ("ours", "theirs"):
@@ -220,11 +223,11 @@ def run_scitldr(args, ours, theirs) -> dict | None:
     shared = [gen.shared_prefix_length(batch) for batch in batches]
     print(f"greedy decode of {len(prompts)} SciTLDR dev abstracts ({'chat template' if args.chat_template else 'plain'}"
           f" prompts of {lengths[0]}-{lengths[-1]} tokens, mean {statistics.mean(lengths):.0f}), sorted by length in "
-          f"batches of {batch_size}, {n} new tokens each; model hidden={cfg.hidden_size} layers="
+          f"batches of {batch_size}, {n} new tokens each, {args.dtype}; model hidden={cfg.hidden_size} layers="
           f"{cfg.num_hidden_layers} vocab={cfg.vocab_size}; median of {args.repeats or 1} after a warm-up "
           f"({warmup_ours:.1f} s for ours, compiles included); ours prefills a shared prefix of "
           f"{shared} tokens per batch once")
-    print(f"limits: float32 matmul {limits['jax_matmul_gflops']:.1f} GFLOP/s (torch.mm "
+    print(f"limits: {args.dtype} matmul {limits['jax_matmul_gflops']:.1f} GFLOP/s (torch.mm "
           f"{limits['torch_matmul_gflops']:.1f}); bandwidth {limits['jax_sum_gb_s']:.2f} GB/s (jitted sum; numpy copy "
           f"{limits['numpy_copy_gb_s']:.2f}); prefill {flops / 1e12:.2f} TFLOP of real tokens; a decode step reads "
           f"{statistics.mean(step_bytes) / 1e6:.0f} MB on average")
@@ -237,8 +240,8 @@ def run_scitldr(args, ours, theirs) -> dict | None:
               f"{100 * r['decode_fraction_of_bandwidth']:8.1f}%")
     print(f"speed-up (ours / transformers): {speedup:.2f}x; identical tokens: {100 * statistics.mean(agree):.1f}%")
     return {"settings": {"data": "scitldr", "examples": len(prompts), "chat_template": args.chat_template,
-                         "batch": batch_size, "batches": [list(map(len, b)) for b in batches], "shared_prefix": shared,
-                         "new_tokens": n,
+                         "batch": batch_size, "dtype": args.dtype, "batches": [list(map(len, b)) for b in batches],
+                         "shared_prefix": shared, "new_tokens": n,
                          "repeats": args.repeats or 1, "model": args.model, "hidden": cfg.hidden_size,
                          "layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size},
             "limits": {"start": limits_start, "end": limits_end, "used": limits},
@@ -277,6 +280,8 @@ def main() -> None:
                         "(default: see --model)")
     parser.add_argument("--hidden", type=int, default=64, help="tiny model width (ignored with --checkpoint)")
     parser.add_argument("--layers", type=int, default=2, help="tiny model depth (ignored with --checkpoint)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="both implementations' weights and activations")
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
@@ -288,8 +293,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint or tiny.make_tiny_model(Path(tmp) / "tiny", hidden=args.hidden, layers=args.layers,
                                                        ffw=2 * args.hidden)
-        ours = lmj.load_pretrained(path)
-        theirs = torch_model(Path(path)).eval()
+        ours = lmj.load_pretrained(path, dtype=args.dtype)
+        theirs = torch_model(Path(path), getattr(torch, args.dtype)).eval()
     if args.data == "scitldr":
         report = run_scitldr(args, ours, theirs)
         if report is not None and args.out:

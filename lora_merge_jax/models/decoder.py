@@ -21,7 +21,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from lora_merge_jax import sharding
-from lora_merge_jax.models import products
+from lora_merge_jax.models import bits, products
 from lora_merge_jax.models.attention import (
     attention,
     attention_backward,
@@ -209,20 +209,6 @@ def _layer_forward(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: di
     return out_BxTxD, saved
 
 
-def _as_bits(tree: Any) -> Any:
-    """bfloat16 leaves as uint16 of the same bits, for the layer scan to stack. XLA's CPU backend has no
-    bfloat16 dynamic-update-slice: it rewrites one as a conversion of the whole [L, ...] stack to float32 and
-    back, in every layer (a quarter of a bfloat16 SmolLM2 step); integers it updates in place."""
-    return jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a,
-                        tree)
-
-
-def _from_bits(tree: Any) -> Any:
-    """The inverse of ``_as_bits``."""
-    return jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a,
-                        tree)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _layer(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dict[str, Delta], rng: Array | None,
            window: Array, base_mask_BxTxS: Array, distance_TxS: Array, cos: Array, sin: Array) -> Array:
@@ -238,12 +224,12 @@ def _layer_fwd(spec, x_BxTxD, w, deltas, rng, window, base_mask_BxTxS, distance_
     need_weights = any(jax.tree.leaves(perturbed(w)))
     inputs = tuple(value(a) for a in (x_BxTxD, w, deltas, rng, window, base_mask_BxTxS, distance_TxS, cos, sin))
     out, saved = _layer_forward(spec, *inputs)
-    return out, (_as_bits(saved), inputs[1:], perturbed(deltas), need_weights)
+    return out, (bits.tree_to_storage(saved), inputs[1:], perturbed(deltas), need_weights)
 
 
 def _layer_bwd(spec, residuals, d_out_BxTxD):
     saved, inputs, need_deltas, need_weights = residuals
-    x_BxTxD, q, k, v, attn_BxTxHHd, stats, mid_BxTxD, gate, up, ranks = _from_bits(saved)
+    x_BxTxD, q, k, v, attn_BxTxHHd, stats, mid_BxTxD, gate, up, ranks = bits.tree_from_storage(saved)
     w, deltas, rng, window, base_mask_BxTxS, distance_TxS, cos, sin = inputs
     if isinstance(d_out_BxTxD, SymbolicZero):
         d_out_BxTxD = jnp.zeros(d_out_BxTxD.shape, d_out_BxTxD.dtype)
@@ -319,22 +305,24 @@ def _cached_layer(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dic
     if cache_kv is not None:
         k_cache, v_cache = cache_kv
         if layer_index is None:  # this layer's head-major cache (``unstack_cache``)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype),
+            k_cache = jax.lax.dynamic_update_slice(k_cache, bits.to_storage(k.transpose(0, 2, 3, 1), k_cache.dtype),
                                                    (0, 0, 0, cache_index))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
+            v_cache = jax.lax.dynamic_update_slice(v_cache, bits.to_storage(v.transpose(0, 2, 1, 3), v_cache.dtype),
                                                    (0, 0, cache_index, 0))
             if not fresh:  # a decode step (the per-layer caches serve nothing else)
-                attn_BxTxHHd = attention_head_major(q, k_cache.astype(x_BxTxD.dtype),
-                                                    v_cache.astype(x_BxTxD.dtype), mask_BxTxS)
+                attn_BxTxHHd = attention_head_major(q, bits.from_storage(k_cache, x_BxTxD.dtype),
+                                                    bits.from_storage(v_cache, x_BxTxD.dtype), mask_BxTxS)
         else:
             # The whole [L, B, S, K, Hd] cache is the scan's carry, written in place at this layer's
             # slots; passing per-layer slices as xs/ys instead copies the full cache several times a step.
             start = (layer_index, 0, cache_index, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], start)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, bits.to_storage(k, k_cache.dtype)[None], start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, bits.to_storage(v, v_cache.dtype)[None], start)
             if not fresh:
-                k = jax.lax.dynamic_index_in_dim(k_cache, layer_index, 0, keepdims=False).astype(x_BxTxD.dtype)
-                v = jax.lax.dynamic_index_in_dim(v_cache, layer_index, 0, keepdims=False).astype(x_BxTxD.dtype)
+                k = bits.from_storage(jax.lax.dynamic_index_in_dim(k_cache, layer_index, 0, keepdims=False),
+                                      x_BxTxD.dtype)
+                v = bits.from_storage(jax.lax.dynamic_index_in_dim(v_cache, layer_index, 0, keepdims=False),
+                                      x_BxTxD.dtype)
                 attn_BxTxHHd = attention(q, k, v, mask_BxTxS, causal=causal)
         cache_kv = (k_cache, v_cache)
     if fresh:

@@ -18,6 +18,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from lora_merge_jax import sharding
+from lora_merge_jax.models import bits
 from lora_merge_jax.models.config import PROJECTIONS, ModelConfig
 
 Array = jax.Array
@@ -45,7 +46,8 @@ class Weights:
 
 @struct.dataclass
 class KVCache:
-    """Key/value cache for generation, slot-indexed: slot s of row b holds the token at column s."""
+    """Key/value cache for generation, slot-indexed: slot s of row b holds the token at column s. bfloat16
+    keys and values are held as uint16 bits (``bits.py``): read them with ``bits.from_storage``."""
 
     k_LxBxSxKxHd: Array
     v_LxBxSxKxHd: Array
@@ -142,6 +144,8 @@ def init_random(cfg: ModelConfig, key: Array, dtype: Any = jnp.float32, mesh: Me
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> KVCache:
-    """An empty cache of ``length`` slots."""
+    """An empty cache of ``length`` slots for ``dtype`` keys and values (bfloat16 ones held as uint16 bits:
+    ``bits.py``)."""
     shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    stored = bits.storage_dtype(dtype)
+    return KVCache(jnp.zeros(shape, stored), jnp.zeros(shape, stored))
