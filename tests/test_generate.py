@@ -295,3 +295,14 @@ def test_bad_requests_raise(sharp_llama):
     with pytest.raises(ValueError, match="min_new_tokens"):
         gen.generate(model, [[1]], max_new_tokens=4, min_new_tokens=5)
     assert gen.generate(model, []) == []
+
+
+def test_bfloat16_greedy_matches_transformers_in_bfloat16(sharp_llama):
+    """bfloat16 weights and activations on both sides (our KV cache holds them as uint16 bits: models/bits.py);
+    the sharpened logits keep bfloat16 rounding from flipping any argmax."""
+    hf, _, path = sharp_llama
+    model = lmj.load_pretrained(path, dtype="bfloat16")
+    assert gen.weights_lib.init_cache(model.config, 1, 4, jnp.bfloat16).k_LxBxSxKxHd.dtype == jnp.uint16
+    prompts = _prompts(seed=3)
+    ours = gen.generate(model, prompts, max_new_tokens=NEW_TOKENS, eos_token_ids=[2])
+    assert ours == _hf_generate(copy.deepcopy(hf).to(torch.bfloat16), prompts, eos=2)
