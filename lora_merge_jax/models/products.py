@@ -1,4 +1,5 @@
-"""Matrix products that accumulate in float32 and return their operands' dtype.
+"""Matrix products that accumulate in float32: returned in their operands' dtype (``einsum``) or in float32
+(``einsum_float32``, the adapters' rank products).
 
 XLA's CPU backend runs a bfloat16 product on the CPU's bfloat16 units (AMX, AVX512-BF16) only when the
 product's result is float32; asked for a bfloat16 result, it computes in float32 instead, at a fifth to a
@@ -8,6 +9,8 @@ float32 operands this is a plain ``jnp.einsum``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,3 +22,8 @@ def einsum(subscripts: str, x: Array, y: Array) -> Array:
     """``jnp.einsum`` of two operands, accumulated in float32, in their common dtype."""
     out_dtype = jnp.result_type(x, y)
     return jnp.einsum(subscripts, x, y, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def einsum_float32(subscripts: str, x: Array, y: Array, operand_dtype: Any) -> Array:
+    """``jnp.einsum`` of two operands cast to ``operand_dtype``, accumulated and returned in float32."""
+    return jnp.einsum(subscripts, x.astype(operand_dtype), y.astype(operand_dtype), preferred_element_type=jnp.float32)
