@@ -5,7 +5,7 @@ the same prompts (random token ids, no EOS, so every row decodes N tokens), each
 after a compiling one; per step = (t_N - t_1) / (N - 1). For comparisons with transformers, see
 ``decode_bench.py``; this one is for A/B runs of our own code (two checkouts, alternated).
 
-    python bench/decode_step.py --batch 16 --prompt-len 256 --new-tokens 49
+    python bench/decode_step.py --batch 16 --prompt-len 256 --new-tokens 49 [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=49)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights and activations")
     args = parser.parse_args()
-    model = lmj.load_pretrained(fetch_smollm2())
+    model = lmj.load_pretrained(fetch_smollm2(), dtype=args.dtype)
     rng = np.random.default_rng(0)
     prompts = [[int(x) for x in rng.integers(10, 40000, args.prompt_len)] for _ in range(args.batch)]
 
@@ -43,8 +45,8 @@ def main() -> None:
     one = min(run(1) for _ in range(2))
     many = min(run(args.new_tokens) for _ in range(2))
     step_ms = (many - one) / (args.new_tokens - 1) * 1e3
-    print(f"batch {args.batch}, prompt {args.prompt_len}: prefill + 1 token {one:.3f} s, {args.new_tokens} tokens "
-          f"{many:.3f} s, decode step {step_ms:.1f} ms")
+    print(f"{args.dtype}, batch {args.batch}, prompt {args.prompt_len}: prefill + 1 token {one:.3f} s, "
+          f"{args.new_tokens} tokens {many:.3f} s, decode step {step_ms:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -309,9 +309,9 @@ def _cached_layer(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dic
                                                    (0, 0, 0, cache_index))
             v_cache = jax.lax.dynamic_update_slice(v_cache, bits.to_storage(v.transpose(0, 2, 1, 3), v_cache.dtype),
                                                    (0, 0, cache_index, 0))
-            if not fresh:  # a decode step (the per-layer caches serve nothing else)
-                attn_BxTxHHd = attention_head_major(q, bits.from_storage(k_cache, x_BxTxD.dtype),
-                                                    bits.from_storage(v_cache, x_BxTxD.dtype), mask_BxTxS)
+            if not fresh:  # a decode step (the per-layer caches serve nothing else), in the caches' dtype
+                attn_BxTxHHd = attention_head_major(q.astype(k_cache.dtype), k_cache, v_cache,
+                                                    mask_BxTxS).astype(x_BxTxD.dtype)
         else:
             # The whole [L, B, S, K, Hd] cache is the scan's carry, written in place at this layer's
             # slots; passing per-layer slices as xs/ys instead copies the full cache several times a step.
@@ -475,8 +475,17 @@ def unstack_layers(weights: Weights, deltas: dict[str, Delta] | None, fold: bool
 
 def unstack_cache(cache: KVCache) -> tuple[tuple[Array, Array], ...]:
     """A stacked [L, B, S, K, Hd] cache as one head-major pair per layer: keys [B, K, Hd, S], values
-    [B, K, S, Hd] (what ``attention.attention_head_major`` reads)."""
-    return tuple((cache.k_LxBxSxKxHd[i].transpose(0, 2, 3, 1), cache.v_LxBxSxKxHd[i].transpose(0, 2, 1, 3))
+    [B, K, S, Hd] (what ``attention.attention_head_major`` reads).
+
+    bfloat16 keys and values come out as float32: a decode step writes one slot of every layer's cache and
+    reads the whole of it, and XLA's CPU backend can do both in place only in 32 bits (a bf16 buffer is
+    rewritten through float32 whole, and uint16 bits need a copy to be read as bf16; 20 ms of a 74 ms bf16
+    SmolLM2 step at 16 rows). Twice the cache's bytes, a fraction of the weights'."""
+    def per_layer(x: Array) -> Array:
+        return bits.from_storage(x, jnp.float32) if x.dtype == jnp.uint16 else x
+
+    return tuple((per_layer(cache.k_LxBxSxKxHd[i]).transpose(0, 2, 3, 1),
+                  per_layer(cache.v_LxBxSxKxHd[i]).transpose(0, 2, 1, 3))
                  for i in range(cache.k_LxBxSxKxHd.shape[0]))
 
 
