@@ -3,7 +3,8 @@
 Our layers have a hand-written backward (``decoder._layer``); this checks it, through the real train step,
 against autodiff we did not write: in float32 to 1e-4 of the gradient's scale, and with bfloat16 weights
 and activations (float32 adapter), where our gradient must be as close to PEFT's float32 gradient as PEFT's
-own bfloat16 gradient is (a bound measured in the same test, not a tolerance picked for us).
+own bfloat16 gradient is (a bound measured in the same test, not a tolerance picked for us). The LM head's
+hand-written backward is checked against JAX's autodiff of the plain product.
 """
 
 import jax
@@ -110,3 +111,30 @@ def test_bfloat16_gradients_are_as_close_to_float32_as_peft_bfloat16(setup):
     print(f"relative error against PEFT float32: ours bfloat16 {our_error:.2e}, PEFT bfloat16 {peft_error:.2e}")
     assert 0 < peft_error < 0.1  # bfloat16 rounding, not a different gradient
     assert our_error <= BF16_SLACK * peft_error
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "lm_head"])
+def test_lm_head_backward_equals_autodiff_of_the_product(tied):
+    """``decoder.lm_logits``'s hand-written backward (cotangent in the activations' dtype) against JAX's
+    autodiff of the plain float32 product, for the hidden states and the head's weights."""
+    from lora_merge_jax.models import decoder
+    from lora_merge_jax.models.weights import Weights
+
+    seed = 1202
+    keys = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(keys[0], (2, 5, 16))
+    w = jax.random.normal(keys[1], (40, 16) if tied else (16, 40))
+    d_logits = jax.random.normal(keys[2], (2, 5, 40))
+    weights = Weights(embed_VxD=w if tied else jnp.zeros((40, 16)), layers=None, final_norm_D=None,
+                      lm_head_DxV=None if tied else w)
+    subscripts = "btd,vd->btv" if tied else "btd,dv->btv"
+
+    def ours(x, w):
+        swapped = weights.replace(embed_VxD=w) if tied else weights.replace(lm_head_DxV=w)
+        return decoder.lm_logits(swapped, x)
+
+    out, vjp = jax.vjp(ours, x, w)
+    ref_out, ref_vjp = jax.vjp(lambda x, w: jnp.einsum(subscripts, x, w), x, w)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5, err_msg=f"seed {seed}")
+    for got, want in zip(vjp(d_logits), ref_vjp(d_logits), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"seed {seed}")
