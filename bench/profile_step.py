@@ -106,8 +106,10 @@ def profile(args: argparse.Namespace, out: Path) -> None:
             calls[e["name"]] += 1
     total = sum(per_op.values())
     groups = collections.Counter()
+    # A merge of K task LoRAs is one adapter of rank K x r (its rank products have that side).
+    adapter_rank = args.rank * (1 if args.variant == "lora" else args.tasks)
     for name, ms in per_op.items():
-        groups[group_of(name, *ops[name][::2], args.rank)] += ms
+        groups[group_of(name, *ops[name][::2], adapter_rank)] += ms
     print(f"{args.config} {args.variant}, batch {args.batch} x {seq}, {int(batch['target_mask'][0, 0].sum())} "
           f"target tokens per row: {total:.0f} ms of operations in one profiled step")
     for group, ms in groups.most_common():
