@@ -14,6 +14,7 @@ import optax
 import peft
 import pytest
 import torch
+import transformers
 
 import lora_merge_jax as lmj
 from lora_merge_jax.io import peft_import
@@ -50,11 +51,15 @@ def setup(tmp_path_factory):
     return path, {"input_ids": ids, "attention_mask": mask, "target_mask": target}
 
 
+@pytest.fixture(scope="module")
+def peft_float32(setup):
+    """PEFT's float32 gradients: the reference of both the float32 and the bfloat16 comparison."""
+    return _peft_gradients(*setup, torch.float32)
+
+
 def _peft_gradients(path, batch, dtype):
     """{(projection, "a" | "b"): [L, ...]} of PEFT's LoRA on the checkpoint in ``dtype`` (adapter float32), in
     our orientation (a: [D, R], b: [R, F])."""
-    import transformers
-
     base = transformers.AutoModelForCausalLM.from_pretrained(path / "model", dtype=dtype)
     model = peft.PeftModel.from_pretrained(base, path / "adapter", is_trainable=True)
     ids = torch.tensor(batch["input_ids"], dtype=torch.long)
@@ -94,18 +99,18 @@ def _relative_error(ours, reference):
     return (diff / sum(float(np.sum(reference[k] ** 2)) for k in reference)) ** 0.5
 
 
-def test_float32_gradients_equal_peft(setup):
+def test_float32_gradients_equal_peft(setup, peft_float32):
     path, batch = setup
-    ours, reference = _our_gradients(path, batch, jnp.float32), _peft_gradients(path, batch, torch.float32)
+    ours, reference = _our_gradients(path, batch, jnp.float32), peft_float32
     assert sorted(ours) == sorted(reference)
     for key, ref in reference.items():
         assert np.abs(ref).max() > 0, key
         np.testing.assert_allclose(ours[key], ref, atol=TOL * np.abs(ref).max(), err_msg=str(key))
 
 
-def test_bfloat16_gradients_are_as_close_to_float32_as_peft_bfloat16(setup):
+def test_bfloat16_gradients_are_as_close_to_float32_as_peft_bfloat16(setup, peft_float32):
     path, batch = setup
-    reference = _peft_gradients(path, batch, torch.float32)
+    reference = peft_float32
     peft_error = _relative_error(_peft_gradients(path, batch, torch.bfloat16), reference)
     our_error = _relative_error(_our_gradients(path, batch, jnp.bfloat16), reference)
     print(f"relative error against PEFT float32: ours bfloat16 {our_error:.2e}, PEFT bfloat16 {peft_error:.2e}")

@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding
 
 from lora_merge_jax import sharding
 from lora_merge_jax.data.batching import bucket_length
-from lora_merge_jax.models import decoder
+from lora_merge_jax.models import decoder, products
 from lora_merge_jax.models import weights as weights_lib
 from lora_merge_jax.models.config import ModelConfig
 
@@ -214,11 +214,8 @@ def _step_logits(weights: weights_lib.Weights, x_RxD: Array) -> Array:
     R = 4..16 (measured on SmolLM2's 49,152 x 576 embedding); the numbers are the same dot products.
     """
     if weights.lm_head_DxV is not None:  # an untied [D, V] head: the plain order
-        return jnp.einsum("rd,dv->rv", x_RxD, weights.lm_head_DxV.astype(x_RxD.dtype),
-                          preferred_element_type=jnp.float32)
-    logits_VxR = jnp.einsum("vd,rd->vr", weights.embed_VxD.astype(x_RxD.dtype), x_RxD,
-                            preferred_element_type=jnp.float32)
-    return logits_VxR.T
+        return products.einsum_float32("rd,dv->rv", x_RxD, weights.lm_head_DxV, x_RxD.dtype)
+    return products.einsum_float32("vd,rd->vr", weights.embed_VxD, x_RxD, x_RxD.dtype).T
 
 
 def _sample_loop(cfg, s, d, compute_dtype, cache_shardings, weights, adapter, ids_BxP, mask_BxP, active_B, key):

@@ -526,7 +526,7 @@ def _head_product(subscripts: str, x: Array, w: Array) -> Array:
     takes the logits' cotangent in the activations' dtype too: left in float32, it made XLA:CPU run the
     bfloat16 model's largest backward product ([512, 49152] x [49152, 576] at 8 x 64 targets) at the float32
     rate (a bf16 SmolLM2 step of 8 x 256: 3.45 -> 3.19 s with the cotangent rounded)."""
-    return jnp.einsum(subscripts, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return products.einsum_float32(subscripts, x, w, x.dtype)
 
 
 def _head_product_fwd(subscripts, x, w):

@@ -1,5 +1,5 @@
 """Matrix products that accumulate in float32: returned in their operands' dtype (``einsum``) or in float32
-(``einsum_float32``, the adapters' rank products).
+(``einsum_float32``: the adapters' rank products, the LM head's logits).
 
 XLA's CPU backend runs a bfloat16 product on the CPU's bfloat16 units (AMX, AVX512-BF16) only when the
 product's result is float32; asked for a bfloat16 result, it computes in float32 instead, at a fifth to a
