@@ -4,7 +4,8 @@ Our layers have a hand-written backward (``decoder._layer``); this checks it, th
 against autodiff we did not write: in float32 to 1e-4 of the gradient's scale, and with bfloat16 weights
 and activations (float32 adapter), where our gradient must be as close to PEFT's float32 gradient as PEFT's
 own bfloat16 gradient is (a bound measured in the same test, not a tolerance picked for us). The LM head's
-hand-written backward is checked against JAX's autodiff of the plain product.
+hand-written backward is checked against JAX's autodiff of the plain product, and the layers' (for every
+adapter kind, with and without dropout) against JAX's autodiff of their plain forward.
 """
 
 import jax
@@ -18,6 +19,8 @@ import transformers
 
 import lora_merge_jax as lmj
 from lora_merge_jax.io import peft_import
+from lora_merge_jax.merge import adaptive
+from lora_merge_jax.models.decoder import apply_model
 from lora_merge_jax.models.config import PROJECTIONS
 from lora_merge_jax.sharding import MeshConfig, make_mesh
 from lora_merge_jax.training.step import init_state, jit_train_step, make_train_step
@@ -25,6 +28,12 @@ from tests import hf_models
 
 TOL = 1e-4  # float32: largest difference over the largest gradient entry of each tensor
 BF16_SLACK = 2.0  # bfloat16: our relative error may be at most this multiple of PEFT's own bfloat16 error
+# Hand-written layer backward against autodiff of the forward: relative error (norm of the difference over
+# the norm of the reference) of each gradient tensor. Float32 differs only in summation order (measured
+# up to 1e-6); bfloat16 rounds products' operands and results at different points in the two (measured
+# 5e-3 to 1.5e-2 over four seeds, largest for the gains, sums over every token). A lost or doubled term
+# gives errors near 1.
+LAYER_TOL = {"float32": 1e-5, "bfloat16": 4e-2}
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +152,54 @@ def test_lm_head_backward_equals_autodiff_of_the_product(tied):
     np.testing.assert_allclose(out, ref_out, atol=1e-5, err_msg=f"seed {seed}")
     for got, want in zip(vjp(d_logits), ref_vjp(d_logits), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"seed {seed}")
+
+
+def _random_b(adapter, rng):
+    """PEFT-style adapters start with B = 0, which would zero every gradient but B's: draw it instead."""
+    return adapter.replace(b={p: jnp.asarray(rng.normal(0, 0.1, b.shape), b.dtype) for p, b in adapter.b.items()})
+
+
+@pytest.mark.parametrize("kind, dtype, dropout", [
+    ("lora", "float32", 0.0), ("lora", "float32", 0.2), ("lora", "bfloat16", 0.0), ("lora", "bfloat16", 0.2),
+    ("melora", "bfloat16", 0.0), ("merge", "float32", 0.0), ("merge", "bfloat16", 0.0)])
+def test_layer_backward_equals_autodiff_of_the_forward(llama_checkpoint, kind, dtype, dropout, seed, rng):
+    """The adapter's gradients (a, b and the gains) of a random cotangent of the logits, through the layers'
+    hand-written backward and through JAX's autodiff of the same forward (``reference_backward``): with
+    dropout the adapters read their own input; without it, in float32 they are folded into the weights,
+    in bfloat16 their ``down`` products join the projections' products, forward and backward. The weights
+    are frozen, as in training (bfloat16 ones pass through the layers as bits)."""
+    model = lmj.load_pretrained(llama_checkpoint, load_tokenizer=False, dtype=dtype)
+    cfg = model.config
+    keys = iter(jax.random.split(jax.random.key(seed), 8))
+    if kind == "lora":
+        adapter = _random_b(lmj.init_lora(cfg, next(keys), rank=4, alpha=8.0, target_modules=PROJECTIONS), rng)
+    elif kind == "melora":
+        adapter = _random_b(lmj.init_melora(cfg, next(keys), num_blocks=4, rank=2, alpha=4.0,
+                                            target_modules=PROJECTIONS), rng)
+    else:
+        loras = [_random_b(lmj.init_lora(cfg, next(keys), rank=r, alpha=8.0, target_modules=PROJECTIONS), rng)
+                 for r in (2, 4, 3)]
+        adapter = adaptive.merge_for_training(loras, "task_layer", init_coefficients=0.7)
+    deltas = adapter.deltas(cfg)
+    ids = jnp.asarray(rng.integers(4, 128, (2, 12)), jnp.int32)
+    mask = jnp.ones_like(ids).at[1, :3].set(0)
+    cotangent = jnp.asarray(rng.normal(size=(2, 12, cfg.vocab_size)), jnp.float32)
+    dropout_rng = next(keys) if dropout else None
+
+    def grads(reference):
+        def loss(deltas):
+            logits, _ = apply_model(cfg, model.weights, ids, deltas=deltas, dropout=dropout, dropout_rng=dropout_rng,
+                                    attention_mask_BxS=mask, compute_dtype=model.compute_dtype,
+                                    reference_backward=reference, frozen_weights=True)
+            return jnp.sum(logits * cotangent)
+        return jax.device_get(jax.jit(jax.grad(loss))(deltas))
+
+    ours, reference = grads(False), grads(True)
+    errors = {jax.tree_util.keystr(path): float(np.linalg.norm(np.float32(got) - np.float32(want))
+                                                / np.linalg.norm(np.float32(want)))
+              for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(reference),
+                                           strict=True)}
+    assert len(errors) == 3 * len(PROJECTIONS), sorted(errors)  # a, b and the gain of every projection
+    worst = max(errors, key=errors.get)
+    print(f"{kind} {dtype} dropout {dropout}: worst relative error {errors[worst]:.1e} ({worst})")
+    assert errors[worst] <= LAYER_TOL[dtype], f"seed {seed}: {worst} {errors[worst]:.2e}"

@@ -1,13 +1,16 @@
 """bfloat16 arrays held as uint16 of the same bits where they are written into a larger buffer.
 
-XLA's CPU backend has no bfloat16 dynamic-update-slice: it rewrites one as a conversion of the whole buffer to
-float32, the update, and a conversion back, so that writing one layer's slice costs the whole stack (the
-layer scan's saved activations: a quarter of a bfloat16 SmolLM2 train step; a KV cache: every decode step).
-Integer buffers it updates in place. A bitcast costs nothing on any backend, so the same code runs everywhere.
+XLA's CPU backend has no bfloat16 dynamic-update-slice or concatenation: it rewrites each as a conversion of
+every operand to float32, the float32 operation, and a conversion back, so that writing one layer's slice
+costs the whole stack (the layer scan's saved activations: a quarter of a bfloat16 SmolLM2 train step; a KV
+cache: every decode step), and joining projections' weights side by side costs three passes over them.
+Integer buffers it updates and joins in place. A bitcast costs nothing on any backend, so the same code runs
+everywhere.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -44,3 +47,20 @@ def tree_to_storage(tree: Any) -> Any:
 def tree_from_storage(tree: Any) -> Any:
     """The inverse of ``tree_to_storage``."""
     return jax.tree.map(lambda a: from_storage(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a, tree)
+
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def concatenate(arrays: list[Array], axis: int) -> Array:
+    """``jnp.concatenate`` of same-dtype arrays, bfloat16 ones joined as uint16 bits. Differentiable: the
+    tangents are joined by ``jnp.concatenate`` (a bitcast has no derivative)."""
+    if jnp.dtype(arrays[0].dtype) != jnp.bfloat16:
+        return jnp.concatenate(arrays, axis=axis)
+    joined = jnp.concatenate([jax.lax.bitcast_convert_type(a, jnp.uint16) for a in arrays], axis=axis)
+    return jax.lax.bitcast_convert_type(joined, jnp.bfloat16)
+
+
+@concatenate.defjvp
+def _concatenate_jvp(axis, primals, tangents):
+    (arrays,), (d_arrays,) = primals, tangents
+    return concatenate(arrays, axis), jnp.concatenate(d_arrays, axis=axis)

@@ -94,72 +94,94 @@ def _adapter_input(name: str, x_BxTxD: Array, dropout: float, rng: Array | None)
     return _dropout(x_BxTxD, dropout, sub)
 
 
-def _group_weight(names: tuple[str, ...], w: LayerWeights, deltas: dict[str, Delta], merge: bool,
-                  dtype: Any, with_down: bool = True) -> tuple[Array, list[int]]:
+def _group_weight(names: tuple[str, ...], w: LayerWeights, deltas: dict[str, Delta], fold: bool, down: bool,
+                  dtype: Any) -> tuple[Array, list[int]]:
     """The projections' weights side by side [D, sum F] in ``dtype`` (and the widths), for one product
-    with their shared input. ``merge``: each adapter's delta-W is added to its weight (the input's gradient
-    then needs no separate product through the adapter) and, ``with_down``, its ``down`` matrix appended as
-    more columns (its rank activations come out of the same product)."""
+    with their shared input. ``fold``: each adapter's delta-W is added to its weight (the input's gradient
+    then needs no separate product through the adapter). ``down``: each adapter's ``down`` matrix is
+    appended as more columns (its rank activations come out of the same product; in the backward, the
+    input's gradient through the adapter joins the same product)."""
     blocks = []
     for name in names:
         weight = w.proj[name]
-        if merge and name in deltas:
+        if fold and name in deltas:
             weight = weight + deltas[name].weight().astype(weight.dtype)
         blocks.append(weight.astype(dtype))
     widths = [blk.shape[1] for blk in blocks]
-    if merge and with_down:
+    if down:
         blocks += [deltas[name].down_weight().astype(dtype) for name in names if name in deltas]
-    return (blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)), widths
+    return (blocks[0] if len(blocks) == 1 else bits.concatenate(blocks, 1)), widths
 
 
 def _project_group(names: tuple[str, ...], x_BxTxD: Array, w: LayerWeights, deltas: dict[str, Delta],
-                   dropout: float, rng: Array | None, merge: bool, keep_ranks: bool = True
+                   dropout: float, rng: Array | None, fold: bool, append: bool, keep_ranks: bool = True
                    ) -> tuple[list[Array], dict[str, Array]]:
     """x @ W (+ bias) (+ the adapter's delta) of several projections of one input, as one product when there
-    are several: ([B, T, F] per projection, the adapters' rank activations by name). ``keep_ranks=False``
-    (nothing differentiates): a merged adapter's rank activations are not computed (no extra columns)."""
+    are several: ([B, T, F] per projection, the adapters' float32 rank activations by name). ``append``
+    (no dropout: the adapters read the projections' own input): their ``down`` matrices join that product.
+    ``keep_ranks=False`` (nothing differentiates): a folded adapter's rank activations are not computed."""
     b, t, _ = x_BxTxD.shape
-    weight, widths = _group_weight(names, w, deltas, merge, x_BxTxD.dtype, with_down=keep_ranks)
-    y_NxF = products.einsum("nd,df->nf", tokens_first(x_BxTxD), weight)
-    outs, ranks, start = [], {}, 0
+    dtype = x_BxTxD.dtype
+    adapted = [name for name in names if name in deltas]
+    with_down = append and bool(adapted) and (keep_ranks or not fold)
+    weight, widths = _group_weight(names, w, deltas, fold, with_down, dtype)
+    # With rank columns the product stays float32 (the rank activations' precision); the projections'
+    # columns are rounded to ``dtype`` as ``products.einsum`` would.
+    if with_down:
+        y_NxF = products.einsum_float32("nd,df->nf", tokens_first(x_BxTxD), weight, dtype)
+    else:
+        y_NxF = products.einsum("nd,df->nf", tokens_first(x_BxTxD), weight)
+    ranks, start = {}, sum(widths)
+    for name in adapted if with_down else ():
+        size = int(np.prod(deltas[name].rank_shape))
+        ranks[name] = y_NxF[:, start:start + size].reshape(-1, *deltas[name].rank_shape)
+        start += size
+    outs, start = [], 0
     for name, width in zip(names, widths):
-        y = y_NxF[:, start:start + width]
+        y = y_NxF[:, start:start + width].astype(dtype)
         start += width
         if name in w.bias:
             y = y + w.bias[name].astype(y.dtype)
-        if name in deltas and not merge:
-            ranks[name] = deltas[name].down(tokens_first(_adapter_input(name, x_BxTxD, dropout, rng)))
-            y = y + deltas[name].up(ranks[name], x_BxTxD.dtype).astype(y.dtype)
+        if name in deltas and not fold:
+            if name not in ranks:
+                ranks[name] = deltas[name].down(tokens_first(_adapter_input(name, x_BxTxD, dropout, rng)))
+            y = y + deltas[name].up(ranks[name], dtype).astype(y.dtype)
         outs.append(y.reshape(b, t, width))
-    for name in names:
-        if name in deltas and merge and keep_ranks:
-            size = int(np.prod(deltas[name].rank_shape))
-            ranks[name] = y_NxF[:, start:start + size].reshape(-1, *deltas[name].rank_shape)
-            start += size
     return outs, ranks
 
 
 def _project_group_backward(names: tuple[str, ...], x_BxTxD: Array, dys: list[Array], ranks: dict[str, Array],
                             w: LayerWeights, deltas: dict[str, Delta], need_deltas: dict[str, Any],
-                            need_weights: bool, dropout: float, rng: Array | None, merge: bool,
+                            need_weights: bool, dropout: float, rng: Array | None, fold: bool, append: bool,
                             grads: dict[str, Any]) -> Array:
     """The VJP of ``_project_group`` at x: returns dx [B, T, D]; the adapters' (and, when ``need_weights``, the
-    weights' and biases') gradients go into ``grads``."""
+    weights' and biases') gradients go into ``grads``. Unfolded adapters that read x itself (``append``) add
+    their share of dx in the weights' product: their ``down`` cotangents as more columns of dy."""
     x_NxD = tokens_first(x_BxTxD)
+    dtype = dys[0].dtype
     dy_NxFs = [tokens_first(dy) for dy in dys]
-    weight, _ = _group_weight(names, w, deltas, merge, dy_NxFs[0].dtype, with_down=False)
-    dy_NxF = dy_NxFs[0] if len(dy_NxFs) == 1 else jnp.concatenate(dy_NxFs, axis=1)
-    dx_NxD = products.einsum("nf,df->nd", dy_NxF, weight)
+    fused = append and not fold
+    d_ranks, dx_adapters = [], []
     for name, dy in zip(names, dy_NxFs):
-        if name in deltas:
-            adapter_x, dropout_vjp = jax.vjp(lambda x: _adapter_input(name, x, dropout, rng), x_BxTxD)
-            d_adapter_x, grads["deltas"][name] = deltas[name].backward(
-                tokens_first(adapter_x), ranks[name], dy, need_deltas[name], input_grad=not merge)
-            if not merge:
-                if dropout > 0 and rng is not None:
-                    d_adapter_x = tokens_first(dropout_vjp(d_adapter_x.reshape(x_BxTxD.shape))[0])
-                dx_NxD = dx_NxD + d_adapter_x
-        if need_weights:
+        if name not in deltas:
+            continue
+        adapter_x, dropout_vjp = jax.vjp(lambda x: _adapter_input(name, x, dropout, rng), x_BxTxD)
+        dh, grads["deltas"][name] = deltas[name].backward(tokens_first(adapter_x), ranks[name], dy, need_deltas[name])
+        if fused:
+            d_ranks.append(dh.reshape(dh.shape[0], -1).astype(dtype))
+        elif not fold:
+            d_adapter_x = deltas[name].input_grad(dh, dtype)
+            if dropout > 0 and rng is not None:
+                d_adapter_x = tokens_first(dropout_vjp(d_adapter_x.reshape(x_BxTxD.shape))[0])
+            dx_adapters.append(d_adapter_x)
+    weight, _ = _group_weight(names, w, deltas, fold, bool(d_ranks), dtype)
+    columns = dy_NxFs + d_ranks
+    dy_NxF = columns[0] if len(columns) == 1 else bits.concatenate(columns, 1)
+    dx_NxD = products.einsum("nf,df->nd", dy_NxF, weight)
+    for d_adapter_x in dx_adapters:
+        dx_NxD = dx_NxD + d_adapter_x
+    if need_weights:
+        for name, dy in zip(names, dy_NxFs):
             grads["proj"][name] = products.einsum("nd,nf->df", x_NxD, dy).astype(w.proj[name].dtype)
             if name in w.bias:
                 grads["bias"][name] = jnp.sum(dy, axis=0).astype(w.bias[name].dtype)
@@ -178,16 +200,19 @@ class _LayerSpec(NamedTuple):
     eps: float
     act: str
     dropout: float
-    merge: bool  # fold each adapter into its projection's weight (no dropout, 32-bit activations)
+    fold: bool  # fold each adapter into its projection's weight (no dropout, 32-bit activations)
+    append: bool  # no dropout: each adapter's down matrix joins its projections' product
 
 
 def _layer_forward(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dict[str, Delta], rng: Array | None,
                    window: Array, base_mask_BxTxS: Array, distance_TxS: Array, cos: Array, sin: Array):
-    """One decoder layer without a cache: (output, what its backward keeps)."""
+    """One decoder layer without a cache: (output, what its backward keeps). ``w`` may hold bfloat16 as bits."""
+    w = bits.tree_from_storage(w)
     b, t, _ = x_BxTxD.shape
     h, kv, hd = spec.heads, spec.kv_heads, spec.head_dim
     mask_BxTxS = base_mask_BxTxS & ((window == 0) | (distance_TxS < window))[None]
-    group = functools.partial(_project_group, w=w, deltas=deltas, dropout=spec.dropout, rng=rng, merge=spec.merge)
+    group = functools.partial(_project_group, w=w, deltas=deltas, dropout=spec.dropout, rng=rng, fold=spec.fold,
+                              append=spec.append)
     y = _rms_norm(x_BxTxD, w.attn_norm_LxD, spec.eps)
     (q, k, v), ranks = group(_QKV, y)
     q, k = _rope(q.reshape(b, t, h, hd), cos, sin), _rope(k.reshape(b, t, kv, hd), cos, sin)
@@ -231,6 +256,7 @@ def _layer_bwd(spec, residuals, d_out_BxTxD):
     saved, inputs, need_deltas, need_weights = residuals
     x_BxTxD, q, k, v, attn_BxTxHHd, stats, mid_BxTxD, gate, up, ranks = bits.tree_from_storage(saved)
     w, deltas, rng, window, base_mask_BxTxS, distance_TxS, cos, sin = inputs
+    w = bits.tree_from_storage(w)
     if isinstance(d_out_BxTxD, SymbolicZero):
         d_out_BxTxD = jnp.zeros(d_out_BxTxD.shape, d_out_BxTxD.dtype)
     b, t, _ = x_BxTxD.shape
@@ -239,7 +265,7 @@ def _layer_bwd(spec, residuals, d_out_BxTxD):
 
     def group_backward(names, x, dys):
         return _project_group_backward(names, x, dys, ranks, w, deltas, need_deltas, need_weights, spec.dropout,
-                                       rng, spec.merge, grads)
+                                       rng, spec.fold, spec.append, grads)
 
     def norm_vjp(x, scale):
         if need_weights:
@@ -293,7 +319,7 @@ def _cached_layer(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dic
     fresh = slots is None or (causal and cache_index == 0)  # the new keys are all there is: attend to them
     mask_BxTxS = base_mask_BxTxS & ((window == 0) | (distance_TxS < window))[None]
     group = functools.partial(_project_group, w=w, deltas=deltas, dropout=spec.dropout, rng=rng,
-                              merge=spec.merge and t > 1, keep_ranks=False)
+                              fold=spec.fold and t > 1, append=spec.append and t > 1, keep_ranks=False)
     if t > 1:
         projections = lambda names, x: group(names, x)[0]  # noqa: E731
     else:
@@ -357,9 +383,9 @@ def _prepare(cfg: ModelConfig, weights: Weights, input_ids_BxT: Array, s: int, c
     distance_TxS = slots_T[:, None] - key_slots_S[None, :]
     # Folding an adapter into its weight rounds its delta-W to the weight's precision: exact enough in 32 bits
     # (the products' own rounding), not in 16.
-    merge = dropout == 0.0 and jnp.dtype(dtype).itemsize >= 4
+    fold = dropout == 0.0 and jnp.dtype(dtype).itemsize >= 4
     spec = _LayerSpec(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
-                      cfg.hidden_act, dropout, merge)
+                      cfg.hidden_act, dropout, fold, dropout == 0.0)
     return x_BxTxD, spec, (base_mask_BxTxS, distance_TxS, cos, sin)
 
 
@@ -380,6 +406,7 @@ def apply_model(
     remat: bool = False,
     return_hidden: bool = False,
     reference_backward: bool = False,
+    frozen_weights: bool = False,
 ) -> tuple[Array, KVCache | None]:
     """The transformer: token ids -> float32 logits [B, T, V] (and the updated cache, when one is given).
 
@@ -401,6 +428,8 @@ def apply_model(
         return_hidden: return the final normed hidden states [B, T, D] instead of logits.
         reference_backward: differentiate the layers by autodiff of their plain forward instead of through
             ``_layer``'s hand-written backward (the reference that one is checked against).
+        frozen_weights: nothing differentiates ``weights`` (an adapter's training), so bfloat16 ones may go
+            through the layer scan as bits (below); their gradients would come out as zeros.
     """
     deltas = deltas or {}
     s = input_ids_BxT.shape[1] if cache is None else cache.k_LxBxSxKxHd.shape[2]
@@ -418,24 +447,24 @@ def apply_model(
     def block(carry, layer):
         x_BxTxD, cache_kv = carry
         w, layer_deltas, window, rng, layer_index = layer
-        w = bits.tree_from_storage(w)
         x_BxTxD = _constrain(x_BxTxD, ("batch", None, None))
-        if whole_layer:
+        if whole_layer:  # ``w`` as it is: its backward keeps the scan's slice of the stack, not a copy
             x_BxTxD = _layer(spec, x_BxTxD, w, layer_deltas, rng, window, base_mask_BxTxS, distance_TxS, cos, sin)
             return (x_BxTxD, cache_kv), None
-        x_BxTxD, cache_kv = _cached_layer(spec, x_BxTxD, w, layer_deltas, rng, window, base_mask_BxTxS,
-                                          distance_TxS, cos, sin, cache_kv, cache_index, layer_index)
+        x_BxTxD, cache_kv = _cached_layer(spec, x_BxTxD, bits.tree_from_storage(w), layer_deltas, rng, window,
+                                          base_mask_BxTxS, distance_TxS, cos, sin, cache_kv, cache_index,
+                                          layer_index)
         return (x_BxTxD, cache_kv), None
 
     if remat:
         block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
     cache_kv = None if cache is None else (cache.k_LxBxSxKxHd, cache.v_LxBxSxKxHd)
     layer_ids_L = jnp.arange(cfg.num_hidden_layers)
-    # With a cache nothing differentiates the weights, and bfloat16 ones go through the scan as bits: sliced
-    # as bfloat16, XLA's CPU backend first converts each whole [L, ...] stack to float32 (5-7% of a bf16
-    # prefill). Training keeps them as they are (as bits its step ran 1.7x slower, and they could not be
-    # differentiated).
-    layers = weights.layers if cache is None else bits.tree_to_storage(weights.layers)
+    # With a cache (or ``frozen_weights``) nothing differentiates the weights, and bfloat16 ones go through
+    # the scan as bits: sliced as bfloat16, XLA's CPU backend first converts each whole [L, ...] stack to
+    # float32 (5-7% of a bf16 prefill, 3% of a train step). Weights that are differentiated stay as they are
+    # (a bitcast has no derivative).
+    layers = bits.tree_to_storage(weights.layers) if cache is not None or frozen_weights else weights.layers
     with jax.named_scope("layers"):
         (x_BxTxD, new_kv), _ = jax.lax.scan(block, (x_BxTxD, cache_kv),
                                             (layers, deltas, windows_L, layer_rngs, layer_ids_L))

@@ -70,10 +70,11 @@ class LowRankDelta:
     def rank_shape(self) -> tuple[int, ...]:
         return self.a_DxR.shape[-1:]
 
-    def backward(self, x_NxD: Array, h_NxR: Array, dy_NxF: Array, need: LowRankDelta,
-                 input_grad: bool = True) -> tuple[Array | None, LowRankDelta]:
-        """The VJP of ``up(down(x))`` at x (with ``h = down(x)``): (dx [N, D] or None without ``input_grad``,
-        the factors' gradients, None where ``need``, a LowRankDelta of bools, is False).
+    def backward(self, x_NxD: Array, h_NxR: Array, dy_NxF: Array, need: LowRankDelta
+                 ) -> tuple[Array, LowRankDelta]:
+        """The VJP of ``up(down(x))`` at x (with ``h = down(x)``): (the cotangent of ``down(x)`` [N, R] in
+        float32, which ``input_grad`` turns into dx; the factors' gradients, None where ``need``, a LowRankDelta
+        of bools, is False).
 
         The product over the N tokens for a is taken as [R, D] and transposed: XLA's CPU backend runs the
         [D, R] form (an R-wide output) several times slower. Its algebraic simplifier folds a plain transpose
@@ -89,8 +90,11 @@ class LowRankDelta:
                .astype(self.a_DxR.dtype) if need.a_DxR else None)
         d_b = (einsum_float32("nr,nf->rf", h_NxR * gain_R, dy_NxF, dtype).astype(self.b_RxF.dtype) if need.b_RxF
                else None)
-        dx_NxD = einsum_float32("nr,dr->nd", dh_NxR, self.a_DxR, dtype).astype(dtype) if input_grad else None
-        return dx_NxD, LowRankDelta(d_a, d_b, d_gain)
+        return dh_NxR, LowRankDelta(d_a, d_b, d_gain)
+
+    def input_grad(self, dh_NxR: Array, dtype: Any) -> Array:
+        """dx [N, D] in ``dtype`` from the cotangent of ``down(x)``."""
+        return einsum_float32("nr,dr->nd", dh_NxR, self.a_DxR, dtype).astype(dtype)
 
     def weight(self) -> Array:
         """delta-W [D, F] (or [L, D, F] when stacked) in float32."""
@@ -130,9 +134,9 @@ class BlockDelta:
     def rank_shape(self) -> tuple[int, ...]:
         return (self.a_NxDnxR.shape[-3], self.a_NxDnxR.shape[-1])
 
-    def backward(self, x_NxD: Array, h_NxnxR: Array, dy_NxF: Array, need: BlockDelta,
-                 input_grad: bool = True) -> tuple[Array | None, BlockDelta]:
-        """As ``LowRankDelta.backward``, block by block."""
+    def backward(self, x_NxD: Array, h_NxnxR: Array, dy_NxF: Array, need: BlockDelta
+                 ) -> tuple[Array, BlockDelta]:
+        """As ``LowRankDelta.backward``, block by block (the cotangent of ``down(x)`` is [N, n, R])."""
         dtype = dy_NxF.dtype
         n, dn, _ = self.a_NxDnxR.shape
         x_NxnxDn = x_NxD.reshape(-1, n, dn)
@@ -145,10 +149,12 @@ class BlockDelta:
                .transpose(0, 2, 1).astype(self.a_NxDnxR.dtype) if need.a_NxDnxR else None)
         d_b = (einsum_float32("mnr,mnf->nrf", h_NxnxR * gain_NxR, dy_NxnxFn, dtype).astype(self.b_NxRxFn.dtype)
                if need.b_NxRxFn else None)
-        if not input_grad:
-            return None, BlockDelta(d_a, d_b, d_gain)
+        return dh_NxnxR, BlockDelta(d_a, d_b, d_gain)
+
+    def input_grad(self, dh_NxnxR: Array, dtype: Any) -> Array:
+        """dx [N, D] in ``dtype`` from the cotangent of ``down(x)``."""
         dx_NxnxDn = einsum_float32("mnr,ndr->mnd", dh_NxnxR, self.a_NxDnxR, dtype)
-        return dx_NxnxDn.reshape(x_NxD.shape).astype(dtype), BlockDelta(d_a, d_b, d_gain)
+        return dx_NxnxDn.reshape(dx_NxnxDn.shape[0], -1).astype(dtype)
 
     def weight(self) -> Array:
         """Block-diagonal delta-W [D, F] (or [L, D, F] when stacked) in float32."""

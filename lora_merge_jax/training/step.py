@@ -133,7 +133,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
             cfg, weights, ids_BxT, deltas=adapter.deltas(cfg), dropout=adapter.dropout,
             dropout_rng=rng if adapter.dropout > 0 else None, attention_mask_BxS=micro["attention_mask"],
             positions_BxT=micro.get("positions"), segment_ids_BxT=micro.get("segment_ids"),
-            compute_dtype=compute_dtype, remat=remat, return_hidden=selective,
+            compute_dtype=compute_dtype, remat=remat, return_hidden=selective, frozen_weights=True,
         )
         if not selective:
             return losses.token_nll(out, ids_BxT, target_BxT)
