@@ -20,8 +20,8 @@ import transformers
 import lora_merge_jax as lmj
 from lora_merge_jax.io import peft_import
 from lora_merge_jax.merge import adaptive
-from lora_merge_jax.models.decoder import apply_model
 from lora_merge_jax.models.config import PROJECTIONS
+from lora_merge_jax.models.decoder import apply_model
 from lora_merge_jax.sharding import MeshConfig, make_mesh
 from lora_merge_jax.training.step import init_state, jit_train_step, make_train_step
 from tests import hf_models
