@@ -7,7 +7,6 @@ non-padded positions only.
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,6 +17,7 @@ from lora_merge_jax.io import peft_import as peft_io
 from lora_merge_jax.io.safetensors import SafetensorsFile
 from lora_merge_jax.models.config import PROJECTIONS
 from lora_merge_jax.sharding import MeshConfig, make_mesh
+from tests.train_helpers import with_random_b
 
 TOL = 1e-4  # max absolute logit difference between two computations of the same function, float32
 WEIGHT_TOL = 1e-6  # max absolute difference of delta-W entries
@@ -45,9 +45,7 @@ def _logits(model, ids, mask, adapter=None):
 def _init(init, cfg, rng, **kwargs):
     """``init(cfg, key, **kwargs)`` with a fresh key, its zero B factors replaced by N(0, 0.1) so that the
     adapter changes the logits."""
-    adapter = init(cfg, jax.random.key(int(rng.integers(2**31))), **kwargs)
-    return dataclasses.replace(adapter, b={p: jnp.asarray(rng.normal(0, 0.1, b.shape), b.dtype)
-                                           for p, b in adapter.b.items()})
+    return with_random_b(init(cfg, jax.random.key(int(rng.integers(2**31))), **kwargs), rng)
 
 
 @pytest.fixture(scope="module")

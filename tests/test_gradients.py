@@ -25,6 +25,7 @@ from lora_merge_jax.models.decoder import apply_model
 from lora_merge_jax.sharding import MeshConfig, make_mesh
 from lora_merge_jax.training.step import init_state, jit_train_step, make_train_step
 from tests import hf_models
+from tests.train_helpers import with_random_b
 
 TOL = 1e-4  # float32: largest difference over the largest gradient entry of each tensor
 BF16_SLACK = 2.0  # bfloat16: our relative error may be at most this multiple of PEFT's own bfloat16 error
@@ -154,11 +155,6 @@ def test_lm_head_backward_equals_autodiff_of_the_product(tied):
         np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"seed {seed}")
 
 
-def _random_b(adapter, rng):
-    """PEFT-style adapters start with B = 0, which would zero every gradient but B's: draw it instead."""
-    return adapter.replace(b={p: jnp.asarray(rng.normal(0, 0.1, b.shape), b.dtype) for p, b in adapter.b.items()})
-
-
 # LoRA without dropout (folded in float32, appended in bfloat16) is the PEFT tests' case above.
 @pytest.mark.parametrize("kind, dtype, dropout", [
     ("lora", "float32", 0.2), ("lora", "bfloat16", 0.2), ("melora", "bfloat16", 0.0), ("merge", "float32", 0.0),
@@ -173,12 +169,12 @@ def test_layer_backward_equals_autodiff_of_the_forward(llama_checkpoint, kind, d
     cfg = model.config
     keys = iter(jax.random.split(jax.random.key(seed), 8))
     if kind == "lora":
-        adapter = _random_b(lmj.init_lora(cfg, next(keys), rank=4, alpha=8.0, target_modules=PROJECTIONS), rng)
+        adapter = with_random_b(lmj.init_lora(cfg, next(keys), rank=4, alpha=8.0, target_modules=PROJECTIONS), rng)
     elif kind == "melora":
-        adapter = _random_b(lmj.init_melora(cfg, next(keys), num_blocks=4, rank=2, alpha=4.0,
+        adapter = with_random_b(lmj.init_melora(cfg, next(keys), num_blocks=4, rank=2, alpha=4.0,
                                             target_modules=PROJECTIONS), rng)
     else:
-        loras = [_random_b(lmj.init_lora(cfg, next(keys), rank=r, alpha=8.0, target_modules=PROJECTIONS), rng)
+        loras = [with_random_b(lmj.init_lora(cfg, next(keys), rank=r, alpha=8.0, target_modules=PROJECTIONS), rng)
                  for r in (2, 4, 3)]
         adapter = adaptive.merge_for_training(loras, "task_layer", init_coefficients=0.7)
     deltas = adapter.deltas(cfg)

@@ -25,6 +25,7 @@ from lora_merge_jax.io.safetensors import SafetensorsFile, write_safetensors
 from lora_merge_jax.models.config import PROJECTIONS
 from lora_merge_jax.models.deltas import LowRankDelta
 from tests import hf_models
+from tests.train_helpers import with_random_b
 
 TOL = 1e-4  # max absolute logit difference against PEFT / transformers in float32
 SAME = 1e-5  # our own forward on two representations of the same adapter
@@ -122,12 +123,6 @@ class MergedLike:
         return {p: LowRankDelta(self.a[p], self.b[p], self.gain[p]) for p in self.a}
 
 
-def _with_random_b(adapter, rng):
-    """Replaces the zero-initialised B factors by N(0, 0.1) so the adapter changes the logits."""
-    return dataclasses.replace(adapter, b={p: jnp.asarray(rng.normal(0, 0.1, b.shape), b.dtype)
-                                           for p, b in adapter.b.items()})
-
-
 def _lora_mixed(cfg, key):
     """Ranks that differ by layer and by module, alphas by module, and a module adapted in one layer only."""
     adapter = lmj.init_lora(cfg, key, rank=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "up_proj"],
@@ -171,7 +166,7 @@ EXPORT_CASES = {
 def test_saved_adapter_loads_in_peft_and_back(case, tiny, tmp_path, rng):
     name, make = EXPORT_CASES[case]
     model = tiny(name)
-    adapter = _with_random_b(_make(make, model.config, rng), rng)
+    adapter = with_random_b(_make(make, model.config, rng), rng)
     peft_export.save_peft_adapter(adapter, tmp_path / "adapter", model, base_model_name_or_path="tiny/" + name)
 
     ids, mask = _random_batch(rng)
@@ -226,7 +221,7 @@ def test_exported_patterns_are_anchored_to_one_layer():
 def test_lowrank_factors_reproduce_every_delta(tiny, rng):
     model = tiny("llama3")
     for make in (EXPORT_CASES["melora_mixed"][1], _merged_like, _lora_mixed):
-        adapter = _with_random_b(_make(make, model.config, rng), rng)
+        adapter = with_random_b(_make(make, model.config, rng), rng)
         for proj, delta in adapter.deltas(model.config).items():
             a, b, scale = factors.lowrank_factors(adapter, model.config)[proj]
             ours = np.einsum("ldr,l,lrf->ldf", a, scale, b)
@@ -236,7 +231,7 @@ def test_lowrank_factors_reproduce_every_delta(tiny, rng):
 @pytest.mark.parametrize("kind", ["lora", "melora"])
 def test_merged_model_loads_in_transformers(kind, tiny, tmp_path, rng):
     model = tiny("llama3")
-    adapter = _with_random_b(_make(EXPORT_CASES[f"{kind}_uniform"][1], model.config, rng), rng)
+    adapter = with_random_b(_make(EXPORT_CASES[f"{kind}_uniform"][1], model.config, rng), rng)
     hf.save_merged_model(model, adapter, tmp_path / "merged")
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     ids, mask = _random_batch(rng)
@@ -359,7 +354,7 @@ def test_read_gives_host_arrays_equal_to_the_loaded_adapter(tiny, tmp_path, rng)
     # read_peft_adapter is what a multi-process merge combines on the host before one placement: plain numpy,
     # the same values, scales and dropout as load_peft_adapter's placed arrays.
     model = tiny("llama3")
-    adapter = _with_random_b(lmj.init_lora(model.config, jax.random.key(int(rng.integers(1 << 30))), rank=4,
+    adapter = with_random_b(lmj.init_lora(model.config, jax.random.key(int(rng.integers(1 << 30))), rank=4,
                                            target_modules=["q_proj", "down_proj"], dropout=0.1), rng)
     peft_export.save_peft_adapter(adapter, tmp_path, model)
     read, loaded = peft_io.read_peft_adapter(tmp_path, model.config), peft_io.load_peft_adapter(tmp_path, model)

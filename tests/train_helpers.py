@@ -1,8 +1,11 @@
-"""Small builders shared by the training tests."""
+"""Small builders shared by the training and adapter tests."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lora_merge_jax import config
@@ -28,3 +31,10 @@ def random_batch(rng: np.random.Generator, micro: int = 1, batch: int = 8, lengt
 
 def leaves(tree) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def with_random_b(adapter, rng: np.random.Generator):
+    """``adapter`` with its B factors drawn from N(0, 0.1) instead of PEFT's zeros, so that it changes the
+    logits and every factor gets a gradient."""
+    return dataclasses.replace(adapter, b={p: jnp.asarray(rng.normal(0, 0.1, b.shape), b.dtype)
+                                           for p, b in adapter.b.items()})

@@ -1,4 +1,4 @@
-"""bfloat16 arrays held as uint16 of the same bits where they are written into a larger buffer.
+"""bfloat16 arrays held as uint16 of the same bits where they are written into or joined into a larger buffer.
 
 XLA's CPU backend has no bfloat16 dynamic-update-slice or concatenation: it rewrites each as a conversion of
 every operand to float32, the float32 operation, and a conversion back, so that writing one layer's slice
@@ -47,7 +47,6 @@ def tree_to_storage(tree: Any) -> Any:
 def tree_from_storage(tree: Any) -> Any:
     """The inverse of ``tree_to_storage``."""
     return jax.tree.map(lambda a: from_storage(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a, tree)
-
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
