@@ -140,10 +140,12 @@ def test_cached_decode_equals_full_forward(llama_checkpoint):
         assert tokens == np.argmax(logits_NxV, axis=-1).tolist()
 
 
-def test_unstacked_decode_steps_equal_the_stacked_scan(llama_checkpoint, rng):
-    # CPU decodes over per-layer copies with the adapter folded in (decoder.decode_unstacked); GPUs and TPUs keep
-    # the stacked scan with the adapter's own products. Both from the same prefill, with a sliding window on
-    # layer 0: the same hidden states, to float32 rounding of the folded weights (1e-5 relative).
+@pytest.mark.parametrize("fold", [True, False])
+def test_unstacked_decode_steps_equal_the_stacked_scan(llama_checkpoint, rng, fold):
+    # CPU decodes over per-layer copies, q/k/v and gate/up joined, the adapter folded in for 32-bit compute
+    # (else its own products; decoder.decode_unstacked); GPUs and TPUs keep the stacked scan with the adapter's
+    # own products. Both from the same prefill, with a sliding window on layer 0: the same hidden states, to
+    # float32 rounding of the folded weights (1e-5 relative).
     from lora_merge_jax.models import decoder
     from lora_merge_jax.models import weights as weights_lib
 
@@ -156,7 +158,7 @@ def test_unstacked_decode_steps_equal_the_stacked_scan(llama_checkpoint, rng):
     mask_BxS = jnp.zeros((b, p + steps), jnp.int32).at[:, :p].set(1)
     _, cache = decoder.apply_model(cfg, model.weights, ids_BxP, deltas=deltas, attention_mask_BxS=mask_BxS,
                                    cache=cache, return_hidden=True)
-    layers, caches = decoder.unstack_layers(model.weights, deltas, fold=True), decoder.unstack_cache(cache)
+    layers, caches = decoder.unstack_layers(model.weights, deltas, fold=fold), decoder.unstack_cache(cache)
     for step in range(steps):
         slot = p + step
         mask_BxS = mask_BxS.at[:, slot].set(1)
