@@ -8,10 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lora_merge_jax.io.safetensors import SafetensorsFile
+from lora_merge_jax.training import loop
 from lora_merge_jax.training.loop import train
 from tests.train_helpers import tiny_train_config
 
@@ -99,6 +101,22 @@ def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float 
         assert proc.poll() is None, proc.communicate()[0]
         assert time.time() < deadline, "no checkpoint in time"
         time.sleep(0.05)
+
+
+def test_bfloat16_on_a_cpu_without_bfloat16_instructions_is_noted(tmp_path, monkeypatch):
+    # On an AVX2-only CPU bf16 runs slower than float32 (bench/RESULTS.md): the run says so and what to set.
+    monkeypatch.setattr(loop, "_cpu_flags", lambda: frozenset({"avx", "avx2", "fma"}))
+    lines = []
+    train(tiny_train_config(tmp_path, "model.dtype=bfloat16", "model.compute_dtype=bfloat16"), log=lines.append,
+          stop_after=1)
+    notes = [line for line in lines if "without bfloat16 instructions" in line]
+    assert len(notes) == 1 and "set model.dtype and model.compute_dtype to float32" in notes[0], lines
+    bf16 = jnp.dtype(jnp.bfloat16)
+    assert loop.bfloat16_cpu_notice(bf16, "cpu", frozenset({"avx2", "avx512_bf16"})) is None
+    assert loop.bfloat16_cpu_notice(bf16, "cpu", frozenset({"avx2", "amx_bf16"})) is None
+    assert loop.bfloat16_cpu_notice(jnp.dtype(jnp.float32), "cpu", frozenset({"avx2"})) is None
+    assert loop.bfloat16_cpu_notice(bf16, "gpu", frozenset({"avx2"})) is None
+    assert loop.bfloat16_cpu_notice(bf16, "cpu", None) is None  # no /proc/cpuinfo: nothing to say
 
 
 def test_sigkill_then_resume_matches_uninterrupted(uninterrupted, tmp_path):

@@ -140,6 +140,26 @@ def _dtype(name: str | None) -> Any:
     return None if name is None else jnp.dtype(name)
 
 
+def _cpu_flags() -> frozenset[str] | None:
+    """The CPU's instruction-set flags from /proc/cpuinfo (None where there is no such file)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return frozenset(word for line in text.splitlines() if line.startswith("flags") for word in line.split()[2:])
+
+
+def bfloat16_cpu_notice(compute_dtype: Any, platform: str, cpu_flags: frozenset[str] | None) -> str | None:
+    """A log line when bfloat16 compute will run on a CPU without bfloat16 instructions (AVX2 only), where it
+    is slower than float32 (SmolLM2 on an AVX2 EPYC: 1.27x our float32 step; bench/RESULTS.md); else None."""
+    if platform != "cpu" or jnp.dtype(compute_dtype) != jnp.bfloat16 or cpu_flags is None:
+        return None
+    if cpu_flags & {"avx512_bf16", "amx_bf16"}:
+        return None
+    return ("note: bfloat16 compute on a CPU without bfloat16 instructions (no avx512_bf16 or amx_bf16 in "
+            "/proc/cpuinfo) runs slower than float32 here; set model.dtype and model.compute_dtype to float32")
+
+
 def build_adapter(cfg: TrainConfig, model: Model) -> Any:
     """The adapter at step 0, placed on the model's mesh."""
     a, key = cfg.adapter, train_step.run_keys(cfg.train.seed)["init"]
@@ -290,6 +310,10 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
                             compute_dtype=_dtype(cfg.model.compute_dtype))
     if model.tokenizer is None:
         raise ValueError(f"{cfg.model.path}: no tokenizer files; training needs the model's tokenizer")
+    notice = bfloat16_cpu_notice(model.compute_dtype or model.weights.embed_VxD.dtype, jax.default_backend(),
+                                 _cpu_flags())
+    if notice:
+        log(notice)
     examples, stats = prompts.build_train_examples(cfg.data, model.tokenizer)
     log(f"data: {stats}")
     iterator = batching.TrainIterator(examples, cfg.data, prompts.pad_token_id(model.tokenizer),
