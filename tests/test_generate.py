@@ -140,8 +140,8 @@ def test_cached_decode_equals_full_forward(llama_checkpoint):
         assert tokens == np.argmax(logits_NxV, axis=-1).tolist()
 
 
-@pytest.mark.parametrize("fold", [True, False])
-def test_unstacked_decode_steps_equal_the_stacked_scan(llama_checkpoint, rng, fold):
+@pytest.mark.parametrize("arch, fold", [("llama3", True), ("qwen2", False)])  # qwen2: q/k/v biases
+def test_unstacked_decode_steps_equal_the_stacked_scan(tmp_path, rng, arch, fold):
     # CPU decodes over per-layer copies, q/k/v and gate/up joined, the adapter folded in for 32-bit compute
     # (else its own products; decoder.decode_unstacked); GPUs and TPUs keep the stacked scan with the adapter's
     # own products. Both from the same prefill, with a sliding window on layer 0: the same hidden states, to
@@ -149,7 +149,8 @@ def test_unstacked_decode_steps_equal_the_stacked_scan(llama_checkpoint, rng, fo
     from lora_merge_jax.models import decoder
     from lora_merge_jax.models import weights as weights_lib
 
-    model = lmj.load_pretrained(llama_checkpoint)
+    hf_models.save_tiny(arch, tmp_path)
+    model = lmj.load_pretrained(tmp_path)
     cfg = dataclasses.replace(model.config, sliding_windows=(3,) + (0,) * (model.config.num_hidden_layers - 1))
     deltas = _random_lora(cfg).deltas(cfg)
     b, p, steps = 3, 6, 4
