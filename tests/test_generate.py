@@ -276,6 +276,19 @@ def test_sharded_mesh_matches_default_mesh(sharp_llama):
     assert gen.shared_prefix_length(shared) == 16
     assert gen.generate(many, shared, **kwargs) == gen.generate(model, shared, **kwargs)
 
+    # The CPU decode loop joins q/k/v and gate/up only where their output axis is whole: with tensor=2 the
+    # joined columns would cross the shards and move in every step.
+    from lora_merge_jax.models import weights as weights_lib
+
+    def decode_weight_keys(m):
+        cache = weights_lib.init_cache(m.config, 1, 4, jnp.float32)
+        with jax.set_mesh(m.mesh):
+            layers = jax.eval_shape(lambda w: gen._for_decoding(w, None, cache, None)[0], m.weights)
+        return sorted(layers.layers[0].proj)
+
+    assert decode_weight_keys(model) == ["down_proj", "gate_proj+up_proj", "o_proj", "q_proj+k_proj+v_proj"]
+    assert decode_weight_keys(many) == sorted(PROJECTIONS)
+
 
 def test_generate_text_decodes_new_tokens(sharp_llama):
     _, model, _ = sharp_llama

@@ -181,7 +181,9 @@ def _for_decoding(weights: weights_lib.Weights, deltas: Any, cache: weights_lib.
     if jax.default_backend() != "cpu":
         return deltas, cache
     fold = jnp.dtype(compute_dtype or weights.embed_VxD.dtype).itemsize >= 4
-    return decoder.unstack_layers(weights, deltas, fold), decoder.unstack_cache(cache)
+    mesh = jax.sharding.get_abstract_mesh()  # ``generate`` traces under the model's mesh
+    join = mesh.empty or dict(mesh.shape).get("tensor", 1) == 1
+    return decoder.unstack_layers(weights, deltas, fold, join), decoder.unstack_cache(cache)
 
 
 def _take_rows(cache: Any, rows_R: Array) -> Any:

@@ -99,6 +99,16 @@ def _joined_name(names: tuple[str, ...]) -> str:
     return "+".join(names)
 
 
+def _joined_widths(spec: _LayerSpec, names: tuple[str, ...], joined_DxF: Array) -> tuple[int, ...]:
+    """The projections' widths in a weight ``unstack_layers`` joined: q, k, v by heads, or gate and up halves."""
+    if names == _QKV:
+        widths = (spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.kv_heads * spec.head_dim)
+    else:
+        widths = (joined_DxF.shape[-1] // 2,) * 2
+    assert sum(widths) == joined_DxF.shape[-1], (names, widths, joined_DxF.shape)
+    return widths
+
+
 def _group_weight(names: tuple[str, ...], w: LayerWeights, deltas: dict[str, Delta], fold: bool, down: bool,
                   dtype: Any, widths: tuple[int, ...] | None = None) -> tuple[Array, list[int]]:
     """The projections' weights side by side [D, sum F] in ``dtype`` (and the widths), for one product
@@ -108,6 +118,7 @@ def _group_weight(names: tuple[str, ...], w: LayerWeights, deltas: dict[str, Del
     input's gradient through the adapter joins the same product). ``widths``: ``w`` holds the group
     already joined (``unstack_layers``), with these widths."""
     if widths is not None:  # joined once by ``unstack_layers`` (its adapters folded in or left in ``deltas``)
+        assert not down, "a joined group's product has no room for the adapters' down columns"
         return w.proj[_joined_name(names)].astype(dtype), list(widths)
     blocks = []
     for name in names:
@@ -336,8 +347,7 @@ def _cached_layer(spec: _LayerSpec, x_BxTxD: Array, w: LayerWeights, deltas: dic
         joined = w.proj.get(_joined_name(names)) if len(names) > 1 else None
         if joined is None:
             return [group((name,), x)[0][0] for name in names]
-        widths = (h * hd, kv * hd, kv * hd) if names == _QKV else (joined.shape[-1] // 2,) * 2  # gate, up
-        return group(names, x, joined_widths=widths)[0]
+        return group(names, x, joined_widths=_joined_widths(spec, names, joined))[0]
 
     y = _rms_norm(x_BxTxD, w.attn_norm_LxD, spec.eps)
     q, k, v = projections(_QKV, y)
@@ -497,7 +507,8 @@ class UnstackedLayers(NamedTuple):
     deltas: tuple[dict[str, Delta], ...]  # empty dicts when the adapter is folded into ``layers``
 
 
-def unstack_layers(weights: Weights, deltas: dict[str, Delta] | None, fold: bool) -> UnstackedLayers:
+def unstack_layers(weights: Weights, deltas: dict[str, Delta] | None, fold: bool, join: bool = True
+                   ) -> UnstackedLayers:
     """Copies of every layer's weights (and adapter deltas) as separate arrays, made once before a decode loop.
 
     ``decode_unstacked`` unrolls the layers so that each reads its own head-major cache in place; an unrolled
@@ -505,16 +516,18 @@ def unstack_layers(weights: Weights, deltas: dict[str, Delta] | None, fold: bool
     the slices), so the per-layer arrays are made here, once per ``generate`` call. Measured alone, against the
     scan's per-step dynamic slices, they are no faster; the gain is the caches'. ``fold`` adds each adapter's
     delta-W into its weight (for 32-bit compute, where the rounding is the products' own), so a step runs no
-    adapter products. q/k/v and gate/up are joined side by side (under ``_joined_name``): a decode step runs
-    four products per layer instead of seven (SmolLM2, 16 rows: 30 layers' products alone 84 -> 72-80 ms; a
-    whole decode step, alternated in one process, median 187 -> 183 ms, faster in 11 of 12 pairs).
+    adapter products. ``join``: q/k/v and gate/up side by side (one [D, sum F] weight under ``_joined_name``
+    instead of the projections' own keys), so a decode step runs four products per layer instead of seven
+    (SmolLM2, 16 rows: 30 layers' products alone 84 -> 72-80 ms; a whole decode step, alternated in one
+    process, median 187 -> 183 ms, faster in 11 of 12 pairs). Not where the weights' output axis is sharded
+    (``tensor`` > 1): the joined columns would cross the shards' boundaries and every step would move them.
     """
     layers, deltas = weights.layers, deltas or {}
     proj = dict(layers.proj)
     if fold and deltas:
         proj = {name: w + deltas[name].weight().astype(w.dtype) if name in deltas else w for name, w in proj.items()}
         deltas = {}
-    for names in (_QKV, _GATE_UP):
+    for names in (_QKV, _GATE_UP) if join else ():
         proj[_joined_name(names)] = bits.concatenate([proj.pop(name) for name in names], axis=2)
     layers = layers.replace(proj=proj)
     count = layers.attn_norm_LxD.shape[0]
@@ -545,6 +558,8 @@ def decode_unstacked(cfg: ModelConfig, weights: Weights, layers: UnstackedLayers
     ``unstack_cache``'s per-layer caches, the layers unrolled: final normed hidden states [B, T, D] and the
     caches with the new keys/values at slots [cache_index, cache_index + T). For decode steps (T = 1), where
     reading the weights is the work; prefill keeps the scan, whose slices are cheap next to its products."""
+    if input_ids_BxT.shape[1] != 1:
+        raise ValueError(f"decode_unstacked feeds one token per row, got {input_ids_BxT.shape[1]}")
     s = caches[0][1].shape[2]  # the values' [B, K, S, Hd]
     x_BxTxD, spec, (base_mask_BxTxS, distance_TxS, cos, sin) = _prepare(
         cfg, weights, input_ids_BxT, s, True, cache_index, attention_mask_BxS, positions_BxT, None,

@@ -141,12 +141,14 @@ def _dtype(name: str | None) -> Any:
 
 
 def _cpu_flags() -> frozenset[str] | None:
-    """The CPU's instruction-set flags from /proc/cpuinfo (None where there is no such file)."""
+    """An x86 CPU's instruction-set flags from /proc/cpuinfo; None without that file or its ``flags`` lines
+    (other architectures, e.g. ARM's ``Features``, whose bf16 support this does not judge)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
-    return frozenset(word for line in text.splitlines() if line.startswith("flags") for word in line.split()[2:])
+    flags = frozenset(word for line in text.splitlines() if line.startswith("flags") for word in line.split()[2:])
+    return flags or None
 
 
 def bfloat16_cpu_notice(compute_dtype: Any, platform: str, cpu_flags: frozenset[str] | None) -> str | None:
