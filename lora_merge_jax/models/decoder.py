@@ -501,7 +501,8 @@ def apply_model(
 
 
 class UnstackedLayers(NamedTuple):
-    """The layers as separate arrays, one entry per layer (no [L] axis): what ``decode_unstacked`` reads."""
+    """The layers as separate arrays, one entry per layer (no [L] axis): what ``decode_unstacked`` reads.
+    Their ``proj`` may hold q/k/v and gate/up joined, under keys such as ``"gate_proj+up_proj"``."""
 
     layers: tuple[LayerWeights, ...]
     deltas: tuple[dict[str, Delta], ...]  # empty dicts when the adapter is folded into ``layers``
