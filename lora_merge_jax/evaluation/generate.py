@@ -182,7 +182,10 @@ def _for_decoding(weights: weights_lib.Weights, deltas: Any, cache: weights_lib.
         return deltas, cache
     fold = jnp.dtype(compute_dtype or weights.embed_VxD.dtype).itemsize >= 4
     mesh = jax.sharding.get_abstract_mesh()  # ``generate`` traces under the model's mesh
-    join = mesh.empty or dict(mesh.shape).get("tensor", 1) == 1
+    # Join q/k/v and gate/up only where their output axes are whole (sharded, the joined columns would cross
+    # the shards' boundaries in every step).
+    join = (mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names)
+            or all(sharding.mesh_axis_size(mesh, axis) == 1 for axis in ("heads", "kv_heads", "ffw")))
     return decoder.unstack_layers(weights, deltas, fold, join), decoder.unstack_cache(cache)
 
 
