@@ -5,7 +5,13 @@ the same prompts (random token ids, no EOS, so every row decodes N tokens), each
 after a compiling one; per step = (t_N - t_1) / (N - 1). For comparisons with transformers, see
 ``decode_bench.py``; this one is for A/B runs of our own code (two checkouts, alternated).
 
+``--compare-dot-libraries`` times the program that ``generate`` picks (``models/dot_library.py``: Eigen's dots
+for float32 on a CPU) against one compiled with XLA's defaults (YNNPACK's dots), alternated in one process
+for ``--rounds`` rounds (one ``generate`` call's time varies by seconds from call to call on shared machines):
+the check to run on a CPU type where that choice was never measured.
+
     python bench/decode_step.py --batch 16 --prompt-len 256 --new-tokens 49 [--dtype bfloat16]
+    python bench/decode_step.py --batch 16 --prompt-len 256 --new-tokens 33 --compare-dot-libraries --rounds 3
 """
 
 from __future__ import annotations
@@ -31,22 +37,47 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=49)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="weights and activations")
+    parser.add_argument("--compare-dot-libraries", action="store_true",
+                        help="also time XLA's default dot library, alternated with generate's choice")
+    parser.add_argument("--rounds", type=int, default=2, help="timed runs of each length (and program)")
     args = parser.parse_args()
     model = lmj.load_pretrained(fetch_smollm2(), dtype=args.dtype)
     rng = np.random.default_rng(0)
     prompts = [[int(x) for x in rng.integers(10, 40000, args.prompt_len)] for _ in range(args.batch)]
 
-    def run(new_tokens: int) -> float:
-        start = time.perf_counter()
-        gen.generate(model, prompts, max_new_tokens=new_tokens, eos_token_ids=())
-        return time.perf_counter() - start
+    chosen = gen.program_for(model.compute_dtype or model.weights.embed_VxD.dtype)
+    programs = {"generate's choice": chosen}
+    if args.compare_dot_libraries:
+        programs["XLA's defaults"] = gen._program(())
+        if programs["XLA's defaults"] is chosen:
+            sys.exit(f"generate already runs XLA's defaults for {args.dtype} here: nothing to compare")
+    pick = gen.program_for
 
-    run(1), run(args.new_tokens)  # compile both programs
-    one = min(run(1) for _ in range(2))
-    many = min(run(args.new_tokens) for _ in range(2))
-    step_ms = (many - one) / (args.new_tokens - 1) * 1e3
-    print(f"{args.dtype}, batch {args.batch}, prompt {args.prompt_len}: prefill + 1 token {one:.3f} s, "
-          f"{args.new_tokens} tokens {many:.3f} s, decode step {step_ms:.1f} ms")
+    def run(name: str, new_tokens: int) -> tuple[float, list[list[int]]]:
+        gen.program_for = lambda _dtype: programs[name]  # which compiled program generate calls
+        try:
+            start = time.perf_counter()
+            tokens = gen.generate(model, prompts, max_new_tokens=new_tokens, eos_token_ids=())
+            return time.perf_counter() - start, tokens
+        finally:
+            gen.program_for = pick
+
+    outputs = {}
+    for name in programs:  # compile both lengths of each program
+        run(name, 1)
+        outputs[name] = run(name, args.new_tokens)[1]
+    if len(set(map(str, outputs.values()))) > 1:
+        print("note: the programs' tokens differ (float32 sums in another order can flip a near tie)")
+    times = {name: {1: [], args.new_tokens: []} for name in programs}
+    for round_ in range(args.rounds):
+        for name in programs if round_ % 2 == 0 else list(programs)[::-1]:
+            for n in (1, args.new_tokens):
+                times[name][n].append(run(name, n)[0])
+    for name, by_length in times.items():
+        one, many = min(by_length[1]), min(by_length[args.new_tokens])
+        step_ms = (many - one) / (args.new_tokens - 1) * 1e3
+        print(f"{name}: {args.dtype}, batch {args.batch}, prompt {args.prompt_len}: prefill + 1 token "
+              f"{one:.3f} s, {args.new_tokens} tokens {many:.3f} s, decode step {step_ms:.1f} ms")
 
 
 if __name__ == "__main__":

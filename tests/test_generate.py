@@ -13,6 +13,7 @@ from transformers.generation import logits_process
 import lora_merge_jax as lmj
 from lora_merge_jax import tiny
 from lora_merge_jax.evaluation import generate as gen
+from lora_merge_jax.models import dot_library
 from lora_merge_jax.models.config import ATTENTION_PROJECTIONS, PROJECTIONS
 from lora_merge_jax.sharding import MeshConfig, make_mesh
 from tests import hf_models
@@ -208,11 +209,34 @@ def test_prompts_in_one_bucket_compile_once(sharp_llama):
     _, model, _ = sharp_llama
     kwargs = dict(max_new_tokens=NEW_TOKENS, prompt_bucket=16)
     gen.generate(model, _prompts(seed=6, lengths=(5, 5, 5)), eos_token_ids=[2], **kwargs)
-    compiled = gen._generate_jit._cache_size()
+    program = gen.program_for(model.compute_dtype or model.weights.embed_VxD.dtype)
+    compiled = program._cache_size()
     # Lengths 9 and 16 pad to 16 like 5; 4 prompts pad to a batch of 4 like 3; other EOS ids are data.
     gen.generate(model, _prompts(seed=7, lengths=(9, 9, 9, 9)), eos_token_ids=[7], **kwargs)
     gen.generate(model, _prompts(seed=8, lengths=(2, 16, 3)), eos_token_ids=[], **kwargs)
-    assert gen._generate_jit._cache_size() == compiled
+    assert program._cache_size() == compiled
+
+
+def test_float32_decoding_on_a_cpu_runs_its_products_outside_ynnpack(sharp_llama):
+    """generate's float32 program is compiled with Eigen's dots (dot_library: YNNPACK's few-row products are
+    slow); bfloat16 keeps XLA's defaults. The check reads the compiled HLO of a decode step's product."""
+    _, model, _ = sharp_llama
+    x_RxD, w_DxF = jnp.ones((16, 64), jnp.float32), jnp.ones((64, 96), jnp.float32)
+
+    def compiled_text(compiler_options):
+        product = jax.jit(lambda x, w: jnp.tanh(x @ w), compiler_options=compiler_options)
+        return product.lower(x_RxD, w_DxF).compile().as_text()
+
+    if "ynn_fusion" not in compiled_text(None):
+        pytest.skip(f"this jaxlib ({jax.__version__}) does not send dots to YNNPACK by default")
+    options = dot_library.decode_compiler_options(jnp.float32)
+    assert options is not None and "ynn_fusion" not in compiled_text(options)
+    assert dot_library.decode_compiler_options(jnp.bfloat16) is None
+    program = gen.program_for(jnp.float32)
+    before = program._cache_size()
+    gen.generate(model, _prompts(seed=10, lengths=(3, 7)), max_new_tokens=2, eos_token_ids=[], prompt_bucket=32)
+    assert model.weights.embed_VxD.dtype == jnp.float32 and program._cache_size() == before + 1
+    assert program is not gen.program_for(jnp.bfloat16)
 
 
 def test_sampling_limits_equal_greedy(sharp_llama):

@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding
 
 from lora_merge_jax import sharding
 from lora_merge_jax.data.batching import bucket_length
-from lora_merge_jax.models import decoder, products
+from lora_merge_jax.models import decoder, dot_library, products
 from lora_merge_jax.models import weights as weights_lib
 from lora_merge_jax.models.config import ModelConfig
 
@@ -354,12 +354,23 @@ def _beam_loop(cfg, s, d, compute_dtype, cache_shardings, weights, adapter, ids_
     return beams.fin_tokens_BxNBxN[:, 0], beams.fin_len_BxNB[:, 0], None
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "settings", "compute_dtype", "cache_shardings"))
-def _generate_jit(cfg, settings, params, compute_dtype, cache_shardings, weights, adapter, ids_BxP, mask_BxP,
-                  active_B, key):
+def _generate(cfg, settings, params, compute_dtype, cache_shardings, weights, adapter, ids_BxP, mask_BxP,
+              active_B, key):
     loop = _beam_loop if settings.method == "beam" else _sample_loop
     return loop(cfg, settings, params, compute_dtype, cache_shardings, weights, adapter, ids_BxP, mask_BxP,
                 active_B, key)
+
+
+@functools.cache
+def _program(options: tuple[tuple[str, str], ...]) -> Any:
+    """The jitted ``_generate`` compiled with XLA ``options`` (``dot_library``), one per set of options."""
+    return jax.jit(_generate, static_argnames=("cfg", "settings", "compute_dtype", "cache_shardings"),
+                   compiler_options=dict(options) or None)
+
+
+def program_for(compute_dtype: Any) -> Any:
+    """The jitted generation program for a model computing in ``compute_dtype``."""
+    return _program(tuple(sorted((dot_library.decode_compiler_options(compute_dtype) or {}).items())))
 
 
 def _cache_sharding(model: Any, rows: int) -> NamedSharding:
@@ -474,7 +485,8 @@ def generate_detailed(model: Any, prompts: Sequence[Sequence[int]], adapter: Any
                                    for x in (ids_BxP, mask_BxP, active_B))
     rows = batch * (num_beams if method == "beam" else 1)
     with jax.set_mesh(model.mesh):  # traced with the mesh set: the model pins activations to the batch axes
-        tokens_BxN, lengths_B, logits_BxNxV = _generate_jit(
+        program = program_for(model.compute_dtype or model.weights.embed_VxD.dtype)
+        tokens_BxN, lengths_B, logits_BxNxV = program(
             model.config, settings, params, model.compute_dtype,
             (_cache_sharding(model, batch), _cache_sharding(model, rows)), model.weights, adapter,
             ids_BxP, mask_BxP, active_B, jax.random.key(seed))
