@@ -217,7 +217,7 @@ def test_prompts_in_one_bucket_compile_once(sharp_llama):
     assert program._cache_size() == compiled
 
 
-def test_float32_decoding_on_a_cpu_runs_its_products_outside_ynnpack(sharp_llama):
+def test_float32_decoding_on_a_cpu_runs_its_products_outside_ynnpack(sharp_llama, monkeypatch):
     """generate's float32 program is compiled with Eigen's dots (dot_library: YNNPACK's few-row products are
     slow); bfloat16 keeps XLA's defaults. The check reads the compiled HLO of a decode step's product."""
     _, model, _ = sharp_llama
@@ -237,6 +237,9 @@ def test_float32_decoding_on_a_cpu_runs_its_products_outside_ynnpack(sharp_llama
     gen.generate(model, _prompts(seed=10, lengths=(3, 7)), max_new_tokens=2, eos_token_ids=[], prompt_bucket=32)
     assert model.weights.embed_VxD.dtype == jnp.float32 and program._cache_size() == before + 1
     assert program is not gen.program_for(jnp.bfloat16)
+    # A user who names the option in XLA_FLAGS keeps it for decoding as well.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+    assert dot_library.decode_compiler_options(jnp.float32) is None
 
 
 def test_sampling_limits_equal_greedy(sharp_llama):

@@ -13,6 +13,7 @@ option, so it is not passed there.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import jax
@@ -23,10 +24,10 @@ EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @functools.cache
-def _cpu_accepts(option: str) -> bool:
-    """Whether this jaxlib's CPU compiler knows the debug option ``option`` (older ones predate YNNPACK)."""
+def _cpu_accepts(options: tuple[tuple[str, str], ...]) -> bool:
+    """Whether this jaxlib's CPU compiler knows these debug options (older ones predate YNNPACK)."""
     try:
-        jax.jit(lambda x: x + 1, compiler_options={option: ""}).lower(jnp.float32(0)).compile()
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(jnp.float32(0)).compile()
     except jax.errors.JaxRuntimeError as err:
         if "No such compile option" in str(err):
             return False
@@ -36,7 +37,8 @@ def _cpu_accepts(option: str) -> bool:
 
 def decode_compiler_options(compute_dtype: Any) -> dict[str, str] | None:
     """``compiler_options`` for a decoding program computing in ``compute_dtype``: Eigen's dots on a CPU for
-    32-bit compute where this jaxlib can say so; None (XLA's defaults) otherwise.
+    32-bit compute where this jaxlib can say so; None (XLA's defaults) otherwise, and when ``XLA_FLAGS``
+    already names the option (the user's choice stands).
 
     Example:
         >>> decode_compiler_options(jnp.float32)  # on a CPU
@@ -44,4 +46,6 @@ def decode_compiler_options(compute_dtype: Any) -> dict[str, str] | None:
     """
     if jax.default_backend() != "cpu" or jnp.dtype(compute_dtype).itemsize < 4:
         return None
-    return EIGEN_DOTS if all(_cpu_accepts(option) for option in EIGEN_DOTS) else None
+    if any(option in os.environ.get("XLA_FLAGS", "") for option in EIGEN_DOTS):
+        return None
+    return dict(EIGEN_DOTS) if _cpu_accepts(tuple(EIGEN_DOTS.items())) else None
