@@ -4,8 +4,8 @@ By default XLA:CPU hands dots to YNNPACK. For the float32 products of a decode s
 weight matrix) its kernels stream the weights at a fraction of the memory bandwidth, and XLA's own (Eigen)
 kernels do better: on a 2-core AMD EPYC (AVX2), thirty SmolLM2 layers' products for 16 rows took 50.6 ms with
 Eigen against 79.6 ms with YNNPACK, and a whole 16 x 256 greedy ``generate`` of 33 tokens 12.7 s against 15.0
-s (bench/RESULTS.md). The training step, whose products have thousands of rows, runs at the same speed either
-way, so only decoding asks for Eigen. Low-precision compute keeps XLA's defaults, with which its bfloat16
+s (bench/RESULTS.md). The training step runs at the same speed either way and a plain forward over 8 x 256
+tokens with the full LM head is slower with Eigen (5.3 against 4.4 s), so only decoding asks for it. Low-precision compute keeps XLA's defaults, with which its bfloat16
 products were measured on CPUs that have bfloat16 units (``products``). GPUs and TPUs have no use for the
 option, so it is not passed there.
 """
