@@ -45,7 +45,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     prompts = [[int(x) for x in rng.integers(10, 40000, args.prompt_len)] for _ in range(args.batch)]
 
-    chosen = gen.program_for(model.compute_dtype or model.weights.embed_VxD.dtype)
+    chosen = gen.program_for(model.activation_dtype)
     programs = {"generate's choice": chosen}
     if args.compare_dot_libraries:
         programs["XLA's defaults"] = gen._program(())

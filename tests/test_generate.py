@@ -209,7 +209,7 @@ def test_prompts_in_one_bucket_compile_once(sharp_llama):
     _, model, _ = sharp_llama
     kwargs = dict(max_new_tokens=NEW_TOKENS, prompt_bucket=16)
     gen.generate(model, _prompts(seed=6, lengths=(5, 5, 5)), eos_token_ids=[2], **kwargs)
-    program = gen.program_for(model.compute_dtype or model.weights.embed_VxD.dtype)
+    program = gen.program_for(model.activation_dtype)
     compiled = program._cache_size()
     # Lengths 9 and 16 pad to 16 like 5; 4 prompts pad to a batch of 4 like 3; other EOS ids are data.
     gen.generate(model, _prompts(seed=7, lengths=(9, 9, 9, 9)), eos_token_ids=[7], **kwargs)

@@ -485,7 +485,7 @@ def generate_detailed(model: Any, prompts: Sequence[Sequence[int]], adapter: Any
                                    for x in (ids_BxP, mask_BxP, active_B))
     rows = batch * (num_beams if method == "beam" else 1)
     with jax.set_mesh(model.mesh):  # traced with the mesh set: the model pins activations to the batch axes
-        program = program_for(model.compute_dtype or model.weights.embed_VxD.dtype)
+        program = program_for(model.activation_dtype)
         tokens_BxN, lengths_B, logits_BxNxV = program(
             model.config, settings, params, model.compute_dtype,
             (_cache_sharding(model, batch), _cache_sharding(model, rows)), model.weights, adapter,

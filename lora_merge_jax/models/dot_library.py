@@ -5,9 +5,9 @@ weight matrix) its kernels stream the weights at a fraction of the memory bandwi
 kernels do better: on a 2-core AMD EPYC (AVX2), thirty SmolLM2 layers' products for 16 rows took 50.6 ms with
 Eigen against 79.6 ms with YNNPACK, and a whole 16 x 256 greedy ``generate`` of 33 tokens 12.7 s against 15.0
 s (bench/RESULTS.md). The training step runs at the same speed either way and a plain forward over 8 x 256
-tokens with the full LM head is slower with Eigen (5.3 against 4.4 s), so only decoding asks for it. Low-precision compute keeps XLA's defaults, with which its bfloat16
-products were measured on CPUs that have bfloat16 units (``products``). GPUs and TPUs have no use for the
-option, so it is not passed there.
+tokens with the full LM head is slower with Eigen (5.3 against 4.4 s), so only decoding asks for it.
+Low-precision compute keeps XLA's defaults, with which its bfloat16 products were measured on CPUs that have
+bfloat16 units (``products``). GPUs and TPUs have no use for the option, so it is not passed there.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -29,6 +30,11 @@ class Model:
     tokenizer: Any | None = None
     compute_dtype: Any = None  # activations' dtype; None = the weights' dtype
     path: str | None = None
+
+    @property
+    def activation_dtype(self) -> Any:
+        """The dtype the model computes in: ``compute_dtype``, else its weights' dtype."""
+        return jnp.dtype(self.compute_dtype or self.weights.embed_VxD.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype"))

@@ -312,8 +312,7 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, log=
                             compute_dtype=_dtype(cfg.model.compute_dtype))
     if model.tokenizer is None:
         raise ValueError(f"{cfg.model.path}: no tokenizer files; training needs the model's tokenizer")
-    notice = bfloat16_cpu_notice(model.compute_dtype or model.weights.embed_VxD.dtype, jax.default_backend(),
-                                 _cpu_flags())
+    notice = bfloat16_cpu_notice(model.activation_dtype, jax.default_backend(), _cpu_flags())
     if notice:
         log(notice)
     examples, stats = prompts.build_train_examples(cfg.data, model.tokenizer)
